@@ -1,0 +1,110 @@
+"""The byte stream contract (DESIGN.md §2) and the `Modality` interface with its registry (§3).
+
+Token ids 0..255 are byte values; specials sit above them. One sample is framed as
+``[tag] + payload + [EOS]``; PAD only ever pads. Bits-per-byte counts payload bytes only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+# --- vocabulary -------------------------------------------------------------------------------
+NUM_BYTES = 256
+PAD = 256  # padding only; never a training target
+EOS = 257  # end of one sample
+TEXT = 258  # modality tags
+IMAGE = 259
+AUDIO = 260
+RESERVED = (261, 262, 263)
+VOCAB_SIZE = 264
+
+TAGS = {"text": TEXT, "image": IMAGE, "audio": AUDIO}
+TAG_NAMES = {v: k for k, v in TAGS.items()}
+
+
+def frame(tag: int, payload: bytes) -> list[int]:
+    """One sample as ids: ``[tag] + payload + [EOS]``."""
+    if tag not in TAG_NAMES:
+        raise ValueError(f"unknown modality tag {tag}; known: {TAG_NAMES}")
+    return [tag, *payload, EOS]
+
+
+def payload_mask(targets):
+    """True where a target id is a payload byte (0..255): the positions BPB counts.
+
+    Works on torch tensors and numpy arrays alike (anything supporting ``<``).
+    """
+    return targets < NUM_BYTES
+
+
+# --- the Modality interface -------------------------------------------------------------------
+class Modality(ABC):
+    """Turns stored members (file bytes) into payload bytes and back.
+
+    Subclasses set ``name`` (registry key), ``tag`` (token id), ``extensions`` (member/file
+    extensions they read, lower-case with dot) and ``Settings`` (a dataclass; saved with
+    every checkpoint so sampling rebuilds the same adapter).
+    """
+
+    name: ClassVar[str]
+    tag: ClassVar[int]
+    extensions: ClassVar[tuple[str, ...]]
+    Settings: ClassVar[type]
+
+    def __init__(self, settings: Any | None = None, **overrides: Any) -> None:
+        if settings is None:
+            settings = self.Settings(**overrides)
+        elif overrides:
+            settings = dataclasses.replace(settings, **overrides)
+        self.settings = settings
+
+    @abstractmethod
+    def encode(self, member_bytes: bytes, meta: dict | None = None) -> bytes:
+        """Stored member bytes (e.g. a PNG file, a FLAC file, UTF-8 text) -> payload bytes."""
+
+    @abstractmethod
+    def decode(self, payload: bytes) -> Any:
+        """Payload bytes -> a natural object (str, PIL image, (waveform, rate))."""
+
+    @abstractmethod
+    def save(self, obj: Any, path) -> None:
+        """Write a decoded object to ``path`` in the modality's file format (.txt/.png/.wav)."""
+
+    def settings_dict(self) -> dict:
+        return {"name": self.name, **dataclasses.asdict(self.settings)}
+
+
+_REGISTRY: dict[str, type[Modality]] = {}
+
+
+def register(cls: type[Modality]) -> type[Modality]:
+    """Class decorator: make a modality available by ``cls.name``."""
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"modality {cls.name!r} registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_modality(name: str, **settings: Any) -> Modality:
+    """Build a registered modality adapter by name with the given settings."""
+    from . import audio, image, text  # noqa: F401  (registration side effect)
+
+    try:
+        cls = _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown modality {name!r}; known: {sorted(_REGISTRY)}") from None
+    return cls(**settings)
+
+
+def modality_from_dict(d: dict) -> Modality:
+    """Inverse of ``Modality.settings_dict``."""
+    d = dict(d)
+    return get_modality(d.pop("name"), **d)
+
+
+def available() -> list[str]:
+    from . import audio, image, text  # noqa: F401
+
+    return sorted(_REGISTRY)

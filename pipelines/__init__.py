@@ -1,0 +1,1 @@
+"""Everything that touches files, processes or Lightning."""

@@ -1,0 +1,48 @@
+"""`polybyte` console entry point: dispatches each subcommand to its module's ``main(argv)``.
+
+Subcommand modules are imported lazily so `polybyte shard` never pays for Lightning's import.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> (module under polybyte.pipelines, one-line help)
+COMMANDS = {
+    "shard": ("shards", "turn text/image/audio files into webdataset byte shards"),
+    "fit": ("lit", "train a model (LightningCLI; --config configs/X.yaml)"),
+    "validate": ("lit", "validate a checkpoint (LightningCLI)"),
+    "eval": ("evaluate", "bits-per-byte report per modality, optionally against codecs"),
+    "sample": ("sample", "sample text, images (PNG) or audio (WAV) from a checkpoint"),
+    "bench": ("bench", "measure training, sampling or data-loading throughput"),
+    "demo": ("demo", "build a small dataset, train, evaluate and sample on this machine"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: polybyte COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<9} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "`polybyte COMMAND --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in {"-h", "--help", "help"}:
+        print(usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"polybyte: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(f"polybyte.pipelines.{COMMANDS[command][0]}")
+    if command in {"fit", "validate"}:
+        result = module.main([command, *rest])
+    else:
+        result = module.main(rest)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
