@@ -1,0 +1,178 @@
+"""Audio adapter: mono samples at a fixed rate, as pcm16, mulaw8 or pcm8 bytes (DESIGN.md §3).
+
+Decoding uses soundfile (WAV, FLAC, OGG); resampling and mu-law use torchaudio's DSP.
+
+- ``pcm16``: signed 16-bit little-endian, 2 bytes per sample (MEGABYTE's choice).
+- ``mulaw8``: 256-level mu-law (``torchaudio.functional.mu_law_encoding``), 1 byte per sample.
+- ``pcm8``: unsigned 8-bit, ``round(x * 128 + 128)`` clipped to 0..255, 1 byte per sample.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+import torchaudio.functional as AF
+import torchaudio.transforms as AT
+
+from .base import AUDIO, Modality, register
+
+ENCODINGS = {"pcm16": 2, "mulaw8": 1, "pcm8": 1}  # encoding -> bytes per sample
+MU_LAW_LEVELS = 256
+# The last, shorter clip of a recording is kept when it is at least this fraction of a clip,
+# so a recording never loses more than a quarter clip and short tails do not become samples.
+MIN_CLIP_FRACTION = 0.25
+
+
+@functools.lru_cache(maxsize=8)
+def _resampler(orig_rate: int, new_rate: int) -> AT.Resample:
+    """torchaudio's windowed-sinc resampler with its kernel built once per rate pair.
+
+    Same filter as ``torchaudio.functional.resample``, which rebuilds the kernel on every call
+    (about 50x slower on short clips).
+    """
+    return AT.Resample(orig_rate, new_rate)
+
+
+def resample(wave: np.ndarray, orig_rate: int, new_rate: int) -> np.ndarray:
+    """float32 samples at ``orig_rate`` -> ``new_rate``; identity when the rates are equal."""
+    if orig_rate == new_rate or len(wave) == 0:
+        return wave
+    with torch.no_grad():
+        return _resampler(orig_rate, new_rate)(torch.from_numpy(wave)).numpy()
+
+
+def to_float(wave: np.ndarray) -> np.ndarray:
+    """int16 or float samples -> float32 in [-1, 1); int16 is divided by 32768, like soundfile."""
+    if wave.dtype == np.int16:
+        return wave.astype(np.float32) / 32768.0
+    return wave.astype(np.float32, copy=False)
+
+
+def to_int16(wave: np.ndarray) -> np.ndarray:
+    """Samples -> int16; float input is scaled by 32768, rounded and clipped."""
+    if wave.dtype == np.int16:
+        return wave
+    return np.clip(np.round(wave.astype(np.float64) * 32768.0), -32768, 32767).astype(np.int16)
+
+
+def encode_waveform(wave: np.ndarray, encoding: str) -> bytes:
+    """Mono samples (int16, or float in [-1, 1]) -> payload bytes in ``encoding``."""
+    if encoding == "pcm16":
+        return to_int16(wave).astype("<i2").tobytes()
+    x = np.clip(to_float(wave), -1.0, 1.0)
+    if encoding == "mulaw8":
+        codes = AF.mu_law_encoding(torch.from_numpy(x), MU_LAW_LEVELS)
+        return codes.to(torch.uint8).numpy().tobytes()
+    if encoding == "pcm8":
+        return np.clip(np.round(x * 128.0 + 128.0), 0, 255).astype(np.uint8).tobytes()
+    raise ValueError(f"unknown audio encoding {encoding!r}; use one of {sorted(ENCODINGS)}")
+
+
+def decode_payload(payload: bytes, encoding: str) -> np.ndarray:
+    """Payload bytes -> float32 samples in [-1, 1]; inverse of :func:`encode_waveform`.
+
+    For pcm16 a trailing odd byte (a sampled payload cut mid-sample) is dropped.
+    """
+    if encoding == "pcm16":
+        usable = len(payload) - len(payload) % 2
+        return to_float(np.frombuffer(payload[:usable], dtype="<i2").astype(np.int16))
+    codes = np.frombuffer(bytes(payload), dtype=np.uint8)
+    if encoding == "mulaw8":
+        return AF.mu_law_decoding(torch.from_numpy(codes.astype(np.int64)), MU_LAW_LEVELS).numpy()
+    if encoding == "pcm8":
+        return ((codes.astype(np.float32) - 128.0) / 128.0).astype(np.float32)
+    raise ValueError(f"unknown audio encoding {encoding!r}; use one of {sorted(ENCODINGS)}")
+
+
+def clip_waveform(
+    wave: np.ndarray,
+    sample_rate: int,
+    clip_seconds: float | None,
+    min_fraction: float = MIN_CLIP_FRACTION,
+) -> list[np.ndarray]:
+    """Cut a recording into consecutive clips of ``clip_seconds`` (None: the whole recording).
+
+    The last, shorter clip is kept only if it is at least ``min_fraction`` of a clip long.
+    An empty recording gives no clips.
+    """
+    if clip_seconds is None:
+        return [wave] if len(wave) else []
+    n = round(clip_seconds * sample_rate)
+    if n < 1:
+        raise ValueError(
+            f"clip_seconds={clip_seconds} is shorter than one sample at {sample_rate} Hz"
+        )
+    clips = [wave[i : i + n] for i in range(0, len(wave), n)]
+    if clips and len(clips[-1]) < min_fraction * n:
+        clips.pop()
+    return clips
+
+
+@dataclass
+class AudioSettings:
+    sample_rate: int = 16000  # Hz; every recording is resampled to this rate
+    encoding: str = "pcm16"  # payload format: "pcm16" (2 bytes/sample), "mulaw8" or "pcm8" (1 byte)
+    clip_seconds: float | None = None  # clip length the shard writer cuts to; None: whole file
+
+    def __post_init__(self) -> None:
+        if self.encoding not in ENCODINGS:
+            raise ValueError(
+                f"unknown audio encoding {self.encoding!r}; use one of {sorted(ENCODINGS)}"
+            )
+        if int(self.sample_rate) != self.sample_rate or self.sample_rate < 1:
+            raise ValueError(f"sample_rate must be a positive integer (Hz), got {self.sample_rate}")
+        self.sample_rate = int(self.sample_rate)
+        if self.clip_seconds is not None and self.clip_seconds <= 0:
+            raise ValueError(f"clip_seconds must be positive or None, got {self.clip_seconds}")
+
+
+@register
+class AudioModality(Modality):
+    """Audio file bytes -> mono -> resampled to ``sample_rate`` -> encoded samples."""
+
+    name = "audio"
+    tag = AUDIO
+    extensions = (".flac", ".wav", ".ogg")
+    Settings = AudioSettings
+
+    @property
+    def bytes_per_sample(self) -> int:
+        return ENCODINGS[self.settings.encoding]
+
+    def load(self, member_bytes: bytes) -> np.ndarray:
+        """Audio file bytes -> mono samples at ``sample_rate``.
+
+        Returns int16 when the file is mono 16-bit PCM already at ``sample_rate`` (so pcm16 is
+        bit-exact), else float32 in [-1, 1]: the mean of the channels, resampled if needed.
+        """
+        rate = self.settings.sample_rate
+        try:
+            with sf.SoundFile(io.BytesIO(member_bytes)) as f:
+                exact = f.channels == 1 and f.samplerate == rate and f.subtype == "PCM_16"
+                data = f.read(dtype="int16" if exact else "float32", always_2d=True)
+                file_rate = f.samplerate
+        except (sf.SoundFileError, RuntimeError, EOFError) as e:
+            why = getattr(e, "error_string", None) or str(e)  # libsndfile's reason, no object repr
+            raise ValueError(f"cannot decode audio (WAV/FLAC/OGG expected): {why}") from None
+        if exact:
+            return data[:, 0].copy()
+        mono = data.mean(axis=1, dtype=np.float32)  # [T, C] -> [T]
+        return resample(mono, file_rate, rate)
+
+    def encode(self, member_bytes: bytes, meta: dict | None = None) -> bytes:
+        return encode_waveform(self.load(member_bytes), self.settings.encoding)
+
+    def decode(self, payload: bytes) -> tuple[np.ndarray, int]:
+        """Payload -> (float32 mono waveform, sample_rate)."""
+        return decode_payload(payload, self.settings.encoding), self.settings.sample_rate
+
+    def save(self, obj: tuple[np.ndarray, int], path) -> None:
+        """Write ``(waveform, sample_rate)`` as 16-bit PCM WAV."""
+        wave, rate = obj
+        sf.write(Path(path), to_int16(np.asarray(wave)), rate, subtype="PCM_16", format="WAV")

@@ -1,0 +1,175 @@
+"""Image adapter: RGB pixels at a fixed square size, in raster or patch-scan order (DESIGN.md §3).
+
+Payload layouts for an ``S x S`` image (``3 * S * S`` bytes):
+
+- ``raster``: rows top to bottom, columns left to right, R G B innermost.
+- ``patch{k}``: the image is cut into ``k x k`` pixel blocks; blocks go in raster order over the
+  block grid, pixels in raster order inside each block, R G B innermost. MEGABYTE found this
+  scan better for patch-based models: with patch size ``3*k*k`` each model patch is one block.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+import warnings
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .base import IMAGE, Modality, register
+
+_PATCH = re.compile(r"patch(\d+)")
+
+
+def _patch_size(order: str) -> int | None:
+    """``"raster"`` -> None, ``"patch{k}"`` -> k; anything else is a ValueError."""
+    if order == "raster":
+        return None
+    m = _PATCH.fullmatch(order)
+    if not m or int(m.group(1)) < 1:
+        raise ValueError(
+            f"unknown image order {order!r}; use 'raster' or 'patch{{k}}', e.g. 'patch4'"
+        )
+    return int(m.group(1))
+
+
+def _check_order(order: str, height: int, width: int) -> int | None:
+    k = _patch_size(order)
+    if k is not None and (height % k or width % k):
+        raise ValueError(
+            f"order {order!r} needs the image size ({height}x{width}) to be a multiple of {k}; "
+            f"pick a patch size that divides the size"
+        )
+    return k
+
+
+def to_order(array: np.ndarray, order: str) -> bytes:
+    """``[H, W, 3]`` uint8 pixels -> payload bytes in ``order`` (``raster`` or ``patch{k}``)."""
+    array = np.asarray(array)
+    if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
+        raise ValueError(f"expected an [H, W, 3] uint8 array, got {array.shape} {array.dtype}")
+    h, w, _ = array.shape
+    k = _check_order(order, h, w)
+    if k is None:
+        return array.tobytes()
+    # [H, W, 3] -> [H/k, k, W/k, k, 3] -> [H/k, W/k, k, k, 3]: blocks outermost, pixels inside
+    blocks = array.reshape(h // k, k, w // k, k, 3).transpose(0, 2, 1, 3, 4)
+    return blocks.tobytes()
+
+
+def from_order(payload: bytes, size: int, order: str) -> np.ndarray:
+    """Inverse of :func:`to_order` for a square ``size x size`` image (3*size*size bytes)."""
+    expected = 3 * size * size
+    if len(payload) != expected:
+        raise ValueError(f"a {size}x{size} RGB payload has {expected} bytes, got {len(payload)}")
+    k = _check_order(order, size, size)
+    flat = np.frombuffer(payload, dtype=np.uint8)
+    if k is None:
+        return flat.reshape(size, size, 3).copy()
+    n = size // k
+    # [n*n*k*k*3] -> [n, n, k, k, 3] -> [n, k, n, k, 3] -> [size, size, 3]
+    return flat.reshape(n, n, k, k, 3).transpose(0, 2, 1, 3, 4).reshape(size, size, 3).copy()
+
+
+def read_npz_batch(source) -> Iterator[tuple[int, np.ndarray, int | None]]:
+    """Yield ``(row index, [S, S, 3] uint8 array, label)`` from a downsampled-ImageNet ``.npz``.
+
+    The batch holds ``data`` (N x 3*S*S, channel-planar: the R plane, then G, then B, each S x S
+    in raster order) and optionally ``labels`` (1..1000). S is inferred from the row length.
+    ``source`` is a path or a binary file object. Raises ValueError on anything else.
+    """
+    try:
+        batch = np.load(source, allow_pickle=False)
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError):
+        batch = None
+    if not isinstance(batch, np.lib.npyio.NpzFile):
+        raise ValueError("not a readable .npz batch (expected a zip archive of numpy arrays)")
+    with batch:
+        if "data" not in batch.files:
+            raise ValueError(f"no 'data' array in the .npz (found {batch.files})")
+        try:
+            data = batch["data"]
+            labels = batch["labels"] if "labels" in batch.files else None
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+            raise ValueError(f"corrupt .npz batch: {e}") from None
+    if data.ndim != 2 or data.dtype != np.uint8:
+        raise ValueError(f"'data' must be an N x 3*S*S uint8 array, got {data.shape} {data.dtype}")
+    size = math.isqrt(data.shape[1] // 3)
+    if 3 * size * size != data.shape[1]:
+        raise ValueError(f"row length {data.shape[1]} is not 3*S*S for any image size S")
+    if labels is not None and len(labels) != len(data):
+        raise ValueError(f"{len(labels)} labels for {len(data)} images")
+    for i, row in enumerate(data):
+        # planar [3, S, S] -> interleaved [S, S, 3]
+        pixels = np.ascontiguousarray(row.reshape(3, size, size).transpose(1, 2, 0))
+        yield i, pixels, None if labels is None else int(labels[i])
+
+
+@dataclass
+class ImageSettings:
+    size: int = 64  # side of the square image in pixels (payload is 3*size*size bytes)
+    order: str = "raster"  # byte order: "raster", or "patch{k}" (k x k blocks; k divides size)
+
+    def __post_init__(self) -> None:
+        if self.size < 1:
+            raise ValueError(f"image size must be positive, got {self.size}")
+        _check_order(self.order, self.size, self.size)
+
+
+@register
+class ImageModality(Modality):
+    """Any Pillow-readable image -> RGB -> centre crop to a square -> box resize to ``size``."""
+
+    name = "image"
+    tag = IMAGE
+    extensions = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
+    Settings = ImageSettings
+
+    @property
+    def payload_bytes(self) -> int:
+        return 3 * self.settings.size**2
+
+    def fit(self, image: Image.Image) -> np.ndarray:
+        """A PIL image -> ``[size, size, 3]`` uint8: RGB, centre crop, box resize.
+
+        Alpha is dropped; an image already at ``size x size`` passes through unchanged.
+        """
+        with warnings.catch_warnings():  # palette-with-transparency notice: alpha is dropped anyway
+            warnings.simplefilter("ignore", UserWarning)
+            rgb = image.convert("RGB")
+        size = self.settings.size
+        fitted = ImageOps.fit(rgb, (size, size), method=Image.Resampling.BOX, centering=(0.5, 0.5))
+        return np.asarray(fitted, dtype=np.uint8)
+
+    def load(self, member_bytes: bytes) -> np.ndarray:
+        """Image file bytes (PNG, JPEG, WebP, ...) -> ``[size, size, 3]`` uint8 pixels."""
+        try:
+            with Image.open(io.BytesIO(member_bytes)) as im:
+                im = ImageOps.exif_transpose(im)  # camera photos: apply the EXIF rotation
+                return self.fit(im)
+        except UnidentifiedImageError:  # its message holds the BytesIO repr: say it plainly
+            raise ValueError("cannot decode image: not a format Pillow recognises") from None
+        except (OSError, SyntaxError, Image.DecompressionBombError) as e:
+            raise ValueError(f"cannot decode image ({type(e).__name__}: {e})") from None
+
+    def encode(self, member_bytes: bytes, meta: dict | None = None) -> bytes:
+        return to_order(self.load(member_bytes), self.settings.order)
+
+    def decode(self, payload: bytes) -> Image.Image:
+        """Payload -> RGB PIL image.
+
+        A sampled payload may be short or long: missing bytes are filled with zeros (black
+        pixels at the end of the scan order), extra bytes are dropped.
+        """
+        n = self.payload_bytes
+        payload = bytes(payload[:n]).ljust(n, b"\0")
+        return Image.fromarray(from_order(payload, self.settings.size, self.settings.order))
+
+    def save(self, obj: Image.Image, path) -> None:
+        obj.save(Path(path), format="PNG")
