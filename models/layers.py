@@ -1,13 +1,17 @@
-"""Shared layers: RMSNorm, RoPE, SwiGLU, attention (SDPA / FlexAttention) and the KV cache.
+"""Shared layers: RMSNorm, RoPE, SwiGLU, attention (SDPA / FlexAttention) and KV caches.
 
 Masks other than plain causal are written once as FlexAttention ``mask_mod`` functions
-``(b, h, q_idx, kv_idx) -> bool``. On CUDA they run through FlexAttention with a block mask; on
-CPU (tests) the same function is evaluated on broadcast index tensors into a dense boolean mask
-for SDPA, so both paths compute the same numbers.
+``(b, h, q_idx, kv_idx) -> bool`` (True = may attend). On CUDA they run through FlexAttention
+with a block mask; elsewhere (CPU tests) the same function is evaluated on broadcast index
+tensors into a dense boolean mask for SDPA, so both paths compute the same numbers. A mask that
+many layers share is evaluated once with ``prepare_mask`` and passed in place of the mask_mod.
+
+Plain causal self-attention goes through SDPA's ``is_causal`` path (flash / cuDNN on CUDA).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Callable
 
@@ -19,18 +23,25 @@ MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tor
 
 RMSNorm = nn.RMSNorm  # torch's own (fused on CUDA); eps set by callers
 
+# FlexAttention sparsity is per 128x128 block: shorter query runs gain nothing over a dense mask
+# and would each need their own block mask (decoding steps), so they take the dense path.
+FLEX_MIN_Q_LEN = 128
+
 
 # --- rotary position embedding ----------------------------------------------------------------
 class RoPE(nn.Module):
-    """Rotary embedding, rotate-half convention, applied to [B, H, T, Dh] at given positions."""
+    """Rotary embedding, rotate-half convention, applied to [B, H, T, Dh] at given positions.
 
-    def __init__(self, head_dim: int, theta: float = 10000.0, max_len: int = 1 << 16) -> None:
+    Computed in fp32 from absolute integer positions, so cached decoding (positions offset by
+    the cache length) rotates exactly like the full forward.
+    """
+
+    def __init__(self, head_dim: int, theta: float = 10000.0) -> None:
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"RoPE needs an even head dim, got {head_dim}")
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self.max_len = max_len
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x [B, H, T, Dh]; positions [T] or [B, T] (integer) -> rotated x, same dtype."""
@@ -38,7 +49,7 @@ class RoPE(nn.Module):
         cos, sin = freqs.cos(), freqs.sin()
         if positions.dim() == 2:  # [B, T, Dh/2] -> [B, 1, T, Dh/2]
             cos, sin = cos[:, None], sin[:, None]
-        cos = torch.cat([cos, cos], dim=-1)
+        cos = torch.cat([cos, cos], dim=-1)  # [.., T, Dh/2] -> [.., T, Dh]
         sin = torch.cat([sin, sin], dim=-1)
         x1, x2 = x.float().chunk(2, dim=-1)
         rotated = torch.cat([-x2, x1], dim=-1)
@@ -52,8 +63,7 @@ class SwiGLU(nn.Module):
     def __init__(self, dim: int, hidden: int | None = None, multiple_of: int = 64) -> None:
         super().__init__()
         if hidden is None:
-            hidden = int(8 * dim / 3)
-            hidden = multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+            hidden = swiglu_hidden(dim, multiple_of)
         self.hidden = hidden
         self.w1 = nn.Linear(dim, hidden, bias=False)
         self.w3 = nn.Linear(dim, hidden, bias=False)
@@ -63,16 +73,26 @@ class SwiGLU(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+def swiglu_hidden(dim: int, multiple_of: int = 64) -> int:
+    """Default SwiGLU width: 8/3·dim (same parameters as a 4·dim GELU MLP), rounded up."""
+    hidden = int(8 * dim / 3)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
 # --- mask_mods --------------------------------------------------------------------------------
-def causal_mask() -> MaskMod:
+# ``q_offset`` shifts query indices: with a KV cache the queries of a call are local (0..Tq-1)
+# while key indices run over the whole cache, so decoding passes q_offset = cache length.
+def causal_mask(q_offset: int = 0) -> MaskMod:
     def mask_mod(b, h, q_idx, kv_idx):
-        return q_idx >= kv_idx
+        return q_idx + q_offset >= kv_idx
 
     return mask_mod
 
 
 def sliding_window_mask(window: int, q_offset: int = 0) -> MaskMod:
     """Causal with each query seeing itself and the ``window - 1`` keys before it."""
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
 
     def mask_mod(b, h, q_idx, kv_idx):
         q = q_idx + q_offset
@@ -81,11 +101,26 @@ def sliding_window_mask(window: int, q_offset: int = 0) -> MaskMod:
     return mask_mod
 
 
-def document_causal_mask(doc_ids: torch.Tensor) -> MaskMod:
+def document_causal_mask(doc_ids: torch.Tensor, q_offset: int = 0) -> MaskMod:
     """Block-causal: causal, and a query sees only keys of its own document. doc_ids [B, T]."""
 
     def mask_mod(b, h, q_idx, kv_idx):
-        return (q_idx >= kv_idx) & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
+        q = q_idx + q_offset
+        return (q >= kv_idx) & (doc_ids[b, q] == doc_ids[b, kv_idx])
+
+    return mask_mod
+
+
+def position_mask(q_pos: torch.Tensor, kv_pos: torch.Tensor, window: int | None = None) -> MaskMod:
+    """Causal (optionally windowed) mask from absolute positions of queries [Tq] and keys [Tk].
+
+    Keys at a negative position are empty cache slots and never attended.
+    """
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        q, k = q_pos[q_idx], kv_pos[kv_idx]
+        ok = (k >= 0) & (q >= k)
+        return ok if window is None else ok & (q - k < window)
 
     return mask_mod
 
@@ -109,30 +144,80 @@ def dense_mask(mask_mod: MaskMod, B: int, q_len: int, kv_len: int, device) -> to
     return mask_mod(b, h, q, k).expand(B, 1, q_len, kv_len)
 
 
+# --- backends ---------------------------------------------------------------------------------
 @functools.cache
 def _compiled_flex():
     # FlexAttention only fuses when compiled; compile the kernel itself (not the model) once.
+    # Default dynamic mode: a second shape (e.g. BLT's varying patch count) recompiles once
+    # with symbolic sizes instead of once per shape.
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    return torch.compile(flex_attention)
 
 
-def use_flex(device: torch.device) -> bool:
-    return device.type == "cuda"
+def _eager_flex():
+    # Unfused reference implementation: only for comparing masks on CPU (no backward there).
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return flex_attention
+
+
+def use_flex(device: torch.device, q_len: int = FLEX_MIN_Q_LEN) -> bool:
+    return torch.device(device).type == "cuda" and q_len >= FLEX_MIN_Q_LEN
+
+
+def _pick_backend(device, q_len: int, backend: str | None) -> str:
+    if backend is None:
+        return "flex" if use_flex(device, q_len) else "sdpa"
+    if backend not in ("flex", "sdpa"):
+        raise ValueError(f"attention backend must be 'flex', 'sdpa' or None (auto), got {backend!r}")
+    return backend
+
+
+@dataclasses.dataclass
+class AttentionMask:
+    """A mask_mod evaluated once for given sizes, reusable by every layer of a forward.
+
+    Exactly one of ``block_mask`` (FlexAttention) and ``dense`` (bool [B or 1, 1, Tq, Tk]) is set.
+    """
+
+    q_len: int
+    kv_len: int
+    block_mask: object | None = None
+    dense: torch.Tensor | None = None
+
+
+def prepare_mask(
+    mask_mod: MaskMod, B: int | None, q_len: int, kv_len: int, device, backend: str | None = None
+) -> AttentionMask:
+    """Evaluate ``mask_mod`` for [B, Tq, Tk]; ``B=None`` when it is the same for every row.
+
+    ``backend``: None picks FlexAttention on CUDA (for q_len >= FLEX_MIN_Q_LEN) and a dense
+    SDPA mask otherwise; "flex" / "sdpa" force one (FlexAttention on CPU runs unfused, no grad).
+    """
+    if _pick_backend(device, q_len, backend) == "flex":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        block_mask = create_block_mask(mask_mod, B, None, q_len, kv_len, device=device)
+        return AttentionMask(q_len, kv_len, block_mask=block_mask)
+    return AttentionMask(q_len, kv_len, dense=dense_mask(mask_mod, B or 1, q_len, kv_len, device))
 
 
 def masked_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    mask_mod: MaskMod | None,
+    mask_mod: MaskMod | AttentionMask | None,
     *,
     causal: bool = False,
+    backend: str | None = None,
 ) -> torch.Tensor:
-    """q [B, H, Tq, Dh], k/v [B, Hkv, Tk, Dh] -> [B, H, Tq, Dh].
+    """q [B, H, Tq, Dh], k/v [B, Hkv, Tk, Dh] -> [B, H, Tq, Dh] (Tq may differ from Tk).
 
-    ``causal=True`` with no mask_mod uses SDPA's causal kernels (flash/cuDNN on CUDA).
-    A mask_mod goes through FlexAttention on CUDA and a dense-masked SDPA elsewhere.
+    No mask_mod: full attention, or SDPA's causal kernels with ``causal=True`` (flash/cuDNN on
+    CUDA; top-left aligned, so only meaningful for Tq == Tk or Tq == 1 over a cache).
+    A mask_mod (or a prepared ``AttentionMask``) defines the mask alone (``causal`` is ignored)
+    and goes through FlexAttention on CUDA and a dense-masked SDPA elsewhere.
     Queries whose mask is empty produce zeros (not NaN).
     """
     B, H, Tq, _ = q.shape
@@ -140,24 +225,29 @@ def masked_attention(
     gqa = k.shape[1] != H
     if mask_mod is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal and Tq > 1, enable_gqa=gqa)
-    if use_flex(q.device):
-        from torch.nn.attention.flex_attention import create_block_mask
+    mask = mask_mod
+    if not isinstance(mask, AttentionMask):
+        mask = prepare_mask(mask_mod, B, Tq, Tk, q.device, backend)
+    elif (mask.q_len, mask.kv_len) != (Tq, Tk):
+        raise ValueError(f"prepared mask is for {mask.q_len}x{mask.kv_len}, attention is {Tq}x{Tk}")
+    if mask.block_mask is not None:
+        flex = _compiled_flex() if q.device.type == "cuda" else _eager_flex()
+        return flex(q, k, v, block_mask=mask.block_mask, enable_gqa=gqa)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, enable_gqa=gqa)
+    # Some SDPA kernels return NaN for a query with no allowed key; FlexAttention returns 0.
+    return torch.where(mask.dense.any(-1, keepdim=True), out, torch.zeros_like(out))
 
-        block_mask = create_block_mask(mask_mod, B, None, Tq, Tk, device=q.device)
-        return _compiled_flex()(q, k, v, block_mask=block_mask, enable_gqa=gqa)
-    mask = dense_mask(mask_mod, B, Tq, Tk, q.device)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-    return torch.where(mask.any(-1, keepdim=True), out, torch.zeros_like(out))
 
-
-# --- KV cache ---------------------------------------------------------------------------------
+# --- KV caches --------------------------------------------------------------------------------
 class KVCache:
     """Preallocated keys/values for incremental decoding of one attention layer.
 
-    ``k, v``: [B, Hkv, max_len, Dh]. ``append`` writes the new step(s) at ``length`` and
-    returns views of everything cached so far. ``reset`` empties it (MEGABYTE's local model
-    starts every patch afresh).
+    ``k, v``: [B, Hkv, max_len, Dh]; key j sits at absolute position j. ``append`` writes the
+    new step(s) at ``length`` and returns views of everything cached so far. ``reset`` empties
+    it (MEGABYTE's local model starts every patch afresh).
     """
+
+    window: int | None = None  # full causal history (see WindowedKVCache)
 
     def __init__(self, B: int, n_kv_heads: int, max_len: int, head_dim: int, device, dtype) -> None:
         self.k = torch.zeros(B, n_kv_heads, max_len, head_dim, device=device, dtype=dtype)
@@ -171,13 +261,68 @@ class KVCache:
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         T = k.shape[2]
         if self.length + T > self.max_len:
-            raise ValueError(f"KV cache overflow: {self.length} + {T} > {self.max_len}")
+            raise ValueError(
+                f"KV cache overflow: {self.length} + {T} > max_len {self.max_len}; "
+                "allocate the cache with a larger max_len"
+            )
         self.k[:, :, self.length : self.length + T] = k
         self.v[:, :, self.length : self.length + T] = v
         self.length += T
         return self.k[:, :, : self.length], self.v[:, :, : self.length]
 
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Append; return all keys/values [B, Hkv, Tk, Dh] and their absolute positions [Tk]."""
+        k, v = self.append(k, v)
+        return k, v, torch.arange(self.length, device=k.device)
+
     def reset(self) -> None:
+        self.length = 0
+
+
+class WindowedKVCache:
+    """Ring buffer of the last ``window`` keys/values, for sliding-window self-attention.
+
+    Memory stays O(window) however long the stream (BLT's entropy model over a 12,288-byte
+    image). Keys are stored already rotated by RoPE at their absolute positions, so the slot
+    order does not matter; ``pos`` records each slot's absolute position (-1 = empty) and
+    attention masks by positions. Same ``update``/``reset``/``length`` protocol as KVCache.
+    """
+
+    def __init__(self, B: int, n_kv_heads: int, window: int, head_dim: int, device, dtype) -> None:
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        self.window = window
+        self.k = torch.zeros(B, n_kv_heads, window, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.pos = torch.full((window,), -1, device=device, dtype=torch.long)
+        self.length = 0
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Add n new steps; return the keys/values the new queries may need and their positions.
+
+        One step: written into the ring first, which then holds exactly the window of the new
+        query (no copy). Several steps: the old ring concatenated with the new keys (the
+        window of the first new query reaches back into the ring), then the last ``window``
+        new keys are written.
+        """
+        n = k.shape[2]
+        new_pos = torch.arange(self.length, self.length + n, device=self.pos.device)
+        if n > 1:
+            k_all = torch.cat([self.k, k], dim=2)  # [B, Hkv, W + n, Dh]
+            v_all = torch.cat([self.v, v], dim=2)
+            pos_all = torch.cat([self.pos, new_pos])
+        keep = min(n, self.window)
+        slots = new_pos[-keep:] % self.window
+        self.k[:, :, slots] = k[:, :, -keep:]
+        self.v[:, :, slots] = v[:, :, -keep:]
+        self.pos[slots] = new_pos[-keep:]
+        self.length += n
+        if n > 1:
+            return k_all, v_all, pos_all
+        return self.k, self.v, self.pos
+
+    def reset(self) -> None:
+        self.pos.fill_(-1)
         self.length = 0
 
 
@@ -186,10 +331,18 @@ class Attention(nn.Module):
     """Multi-head (grouped-query) attention with optional RoPE, self- or cross-attention.
 
     forward(x, kv=None, positions=None, kv_positions=None, mask_mod=None, causal=True, cache=None)
-      x [B, Tq, D]; kv [B, Tk, D_kv] for cross-attention (default: x);
-      positions [Tq] or [B, Tq] for RoPE on queries (and keys, for self-attention);
-      cache: a KVCache — new keys/values are appended and attention runs over the whole cache
-      (the caller passes a mask_mod or relies on causal=False for single-step decoding).
+      x [B, Tq, D]; kv [B, Tk, D_kv] for cross-attention (default: x, self-attention);
+      positions [Tq] or [B, Tq]: RoPE positions of the queries (and keys, for self-attention);
+        default arange(Tq), offset by the cache length when a cache is given;
+      kv_positions: RoPE positions of cross-attention keys. Cross-attention applies RoPE only
+        when kv_positions is given (rotating the queries alone encodes nothing);
+      mask_mod: a mask_mod or prepared AttentionMask (then ``causal`` is ignored);
+      cache: KVCache or WindowedKVCache of this layer. New keys/values are appended and the
+        queries attend over the cache. With ``causal=True`` and no mask_mod the causal mask is
+        aligned to absolute positions (prefilling a chunk into a non-empty cache is correct);
+        a WindowedKVCache applies its window itself (mask_mod must be None). A caller's
+        mask_mod over a KVCache sees local query indices and cache key indices: pass
+        ``q_offset=cache.length`` (read before the call) to the mask helpers.
     """
 
     def __init__(
@@ -222,27 +375,45 @@ class Attention(nn.Module):
         *,
         positions: torch.Tensor | None = None,
         kv_positions: torch.Tensor | None = None,
-        mask_mod: MaskMod | None = None,
+        mask_mod: MaskMod | AttentionMask | None = None,
         causal: bool = True,
-        cache: KVCache | None = None,
+        cache: KVCache | WindowedKVCache | None = None,
     ) -> torch.Tensor:
         B, Tq, _ = x.shape
-        src = x if kv is None else kv
+        self_attn = kv is None
+        src = x if self_attn else kv
         Tk = src.shape[1]
         q = self.wq(x).view(B, Tq, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, Tq, Dh]
         k = self.wk(src).view(B, Tk, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, Tk, Dh]
         v = self.wv(src).view(B, Tk, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if self.rope is not None:
+        start = cache.length if cache is not None else 0
+        if self.rope is not None and (self_attn or kv_positions is not None):
             if positions is None:
-                positions = torch.arange(Tq, device=x.device)
+                positions = torch.arange(start, start + Tq, device=x.device)
             q = self.rope(q, positions)
-            if kv is None or kv_positions is not None:
-                k = self.rope(k, positions if kv is None and kv_positions is None else kv_positions)
+            k = self.rope(k, positions if self_attn else kv_positions)
         if cache is not None:
-            k, v = cache.append(k, v)
+            k, v, kv_pos = cache.update(k, v)
+            mask_mod, causal = self._cache_mask(cache, start, Tq, kv_pos, mask_mod, causal)
         out = masked_attention(q, k, v, mask_mod, causal=causal)
         out = out.transpose(1, 2).reshape(B, Tq, self.n_heads * self.head_dim)  # [B, Tq, H*Dh]
         return self.wo(out)
+
+    @staticmethod
+    def _cache_mask(cache, start: int, Tq: int, kv_pos: torch.Tensor, mask_mod, causal: bool):
+        """The mask for queries at absolute positions start..start+Tq-1 over the cached keys."""
+        q_pos = torch.arange(start, start + Tq, device=kv_pos.device)
+        window = getattr(cache, "window", None)
+        if window is not None:
+            if mask_mod is not None or not causal:
+                raise ValueError("a WindowedKVCache applies its own causal window; pass mask_mod=None")
+            if Tq == 1 and start >= window - 1:
+                return None, False  # the ring holds exactly this query's window
+            return position_mask(q_pos, kv_pos, window), False
+        if mask_mod is None and causal and Tq > 1 and start > 0:
+            # SDPA's is_causal is top-left aligned: wrong for Tq < Tk, so mask by positions.
+            return position_mask(q_pos, kv_pos), False
+        return mask_mod, causal
 
 
 class Block(nn.Module):

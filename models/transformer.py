@@ -1,0 +1,232 @@
+"""Flat byte transformer: the baseline backbone, and BLT's entropy model (with a window).
+
+A Llama-style decoder over the 264-token vocabulary: token embedding, pre-norm blocks (RMSNorm,
+RoPE, SwiGLU, grouped-query attention), final norm, output head. The modality tag is the first
+*input* token (embedded with the same table): the input is the byte grid shifted right by one
+with the tag in front, so ``logits[:, t]`` predicts ``ids[:, t]`` from the tag and ``ids[:, :t]``.
+
+Attention is causal through SDPA's ``is_causal`` (flash / cuDNN kernels on CUDA), or a causal
+sliding window through FlexAttention when ``window`` is set (BLT's entropy model).
+
+Incremental decoding (used by ``models/generate.py``) works on the *input* stream
+``[tag, b0, b1, ...]``::
+
+    cache = model.new_cache(B, max_len)               # per-layer KV caches
+    logits = model.prefill(prompt, modality, cache)   # [B, n+1, V]; last row: next byte
+    logits = model.forward_step(next_byte[:, None], cache)  # [B, 1, V]
+
+Every logit equals the full forward's at the same position.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import nn
+
+from .base import ByteLM, ByteLMConfig, register_backbone
+from .flops import attention_flops, attention_pairs, linear_flops, training_flops
+from .layers import (
+    AttentionMask,
+    Block,
+    KVCache,
+    RMSNorm,
+    RoPE,
+    WindowedKVCache,
+    prepare_mask,
+    sliding_window_mask,
+)
+
+
+@dataclasses.dataclass
+class TransformerConfig(ByteLMConfig):
+    dim: int = 512  # model width D
+    n_layers: int = 8  # number of transformer blocks
+    n_heads: int = 8  # query heads; head_dim = dim / n_heads (must be even for RoPE)
+    n_kv_heads: int | None = None  # key/value heads for grouped-query attention; None = n_heads
+    mlp_hidden: int | None = None  # SwiGLU hidden width; None = 8/3·dim rounded up to 64
+    rope_theta: float = 10000.0  # RoPE base; wavelengths up to 2π·theta bytes cover any window here
+    max_seq_len: int = 2048  # training window T (bytes per row): FLOP counting, default cache size
+    window: int | None = None  # sliding window: a position sees itself + window-1 before; None = full causal
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    tie_embeddings: bool = False  # share the output head with the input embedding (off: Llama/BLT default)
+    init_std: float = 0.02  # normal init std; residual output projections get std/sqrt(2·n_layers) (GPT-2)
+
+    def __post_init__(self) -> None:
+        if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
+            raise ValueError(f"dim {self.dim} must split into n_heads {self.n_heads} heads of even size")
+        if self.window is not None and self.window < 1:
+            raise ValueError(f"window must be >= 1 or None, got {self.window}")
+        if self.max_seq_len < 1:
+            raise ValueError(f"max_seq_len must be >= 1, got {self.max_seq_len}")
+
+
+# Shipped sizes (TransformerConfig kwargs). Parameters at vocab 264 with an untied head; "non-emb."
+# leaves out the input embedding only; training FLOPs per byte at the preset's max_seq_len:
+#   preset    params   non-emb.   FLOPs/byte
+#   tiny       0.49M     0.46M      3.15M    CI / CPU tests
+#   small     29.18M    29.05M    230.9M     ≈ 30M
+#   base     170.31M   170.11M    1.93G      ≈ 170M
+#   entropy   45.24M    45.11M    313.2M     BLT's entropy model: the paper's 14 layers, width 512,
+#                                            512-byte window (it quotes 100M for that shape)
+PRESETS: dict[str, dict] = {
+    "tiny": dict(dim=128, n_layers=2, n_heads=4, max_seq_len=256),
+    "small": dict(dim=512, n_layers=9, n_heads=8, max_seq_len=2048),
+    "base": dict(dim=768, n_layers=24, n_heads=12, max_seq_len=8192),
+    "entropy": dict(dim=512, n_layers=14, n_heads=8, window=512, max_seq_len=8192),
+}
+
+
+class TransformerCache:
+    """KV caches of every layer of one Transformer; ``length`` = input tokens consumed."""
+
+    def __init__(self, layers: list[KVCache | WindowedKVCache]) -> None:
+        self.layers = layers
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length
+
+    def reset(self) -> None:
+        for c in self.layers:
+            c.reset()
+
+
+@register_backbone("transformer", TransformerConfig)
+class Transformer(ByteLM):
+    """Flat byte decoder (see module docstring)."""
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        self.embed = nn.Embedding(c.vocab_size, c.dim)
+        rope = RoPE(c.dim // c.n_heads, c.rope_theta)  # shared: it only holds frequencies
+        self.blocks = nn.ModuleList(
+            Block(c.dim, c.n_heads, c.n_kv_heads, rope, c.mlp_hidden, c.norm_eps) for _ in range(c.n_layers)
+        )
+        self.norm = RMSNorm(c.dim, eps=c.norm_eps)
+        self.head = None if c.tie_embeddings else nn.Linear(c.dim, c.vocab_size, bias=False)
+        # window masks by (length, device): they depend on nothing else, and building a
+        # FlexAttention block mask every step would cost as much as a small model's forward
+        self._masks: dict[tuple[int, str], AttentionMask] = {}
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        std = self.config.init_std
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=std)
+        # residual branches add up over 2·n_layers projections: keep the stream's variance flat
+        for b in self.blocks:
+            for w in (b.attn.wo.weight, b.mlp.w2.weight):
+                nn.init.normal_(w, std=std / math.sqrt(2 * self.config.n_layers))
+
+    # --- full forward -------------------------------------------------------------------------
+    def inputs(self, ids: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
+        """ids [B, T], modality [B] -> input tokens [B, T]: the tag, then ids[:, :-1]."""
+        if ids.dim() != 2 or modality.shape != ids.shape[:1]:
+            raise ValueError(
+                f"expected ids [B, T] and modality [B], got {tuple(ids.shape)} and {tuple(modality.shape)}"
+            )
+        return torch.cat([modality[:, None].to(ids.dtype), ids[:, :-1]], dim=1)  # [B, 1 + T-1]
+
+    def hidden(self, tokens: torch.Tensor, cache: TransformerCache | None = None) -> torch.Tensor:
+        """Input tokens [B, n] -> final-norm hidden states [B, n, D].
+
+        Without a cache the tokens are positions 0..n-1; with one they continue its stream.
+        """
+        B, n = tokens.shape
+        x = self.embed(tokens)  # [B, n, D]
+        if cache is not None:
+            start = cache.length
+            positions = torch.arange(start, start + n, device=tokens.device)
+            for block, layer_cache in zip(self.blocks, cache.layers):
+                x = block(x, positions=positions, causal=True, cache=layer_cache)
+            return self.norm(x)
+        positions = torch.arange(n, device=tokens.device)
+        mask = self._window_mask(n, tokens.device)
+        for block in self.blocks:
+            x = block(x, positions=positions, mask_mod=mask, causal=True)
+        return self.norm(x)
+
+    def _window_mask(self, n: int, device: torch.device) -> AttentionMask | None:
+        """The sliding-window mask for n positions; None (SDPA causal) when the window covers n."""
+        window = self.config.window
+        if window is None or window >= n:
+            return None
+        key = (n, str(device))
+        if key not in self._masks:
+            self._masks[key] = prepare_mask(sliding_window_mask(window), None, n, n, device)
+        return self._masks[key]
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Hidden states [B, n, D] -> logits [B, n, V]."""
+        if self.head is None:
+            return nn.functional.linear(h, self.embed.weight)
+        return self.head(h)
+
+    def forward(self, ids: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
+        return self.logits(self.hidden(self.inputs(ids, modality)))
+
+    # --- incremental decoding -----------------------------------------------------------------
+    def new_cache(
+        self, B: int, max_len: int | None = None, device=None, dtype: torch.dtype | None = None
+    ) -> TransformerCache:
+        """Empty caches for B rows. ``max_len``: input tokens (tag included) it can hold,
+        default ``max_seq_len``; ignored with a window (ring buffers of ``window`` slots)."""
+        c = self.config
+        p = self.embed.weight
+        device = p.device if device is None else device
+        dtype = p.dtype if dtype is None else dtype
+        head_dim, n_kv = c.dim // c.n_heads, c.n_kv_heads or c.n_heads
+        if c.window is not None:
+            layers = [WindowedKVCache(B, n_kv, c.window, head_dim, device, dtype) for _ in self.blocks]
+        else:
+            max_len = c.max_seq_len if max_len is None else max_len
+            layers = [KVCache(B, n_kv, max_len, head_dim, device, dtype) for _ in self.blocks]
+        return TransformerCache(layers)
+
+    def forward_step(self, tokens: torch.Tensor, cache: TransformerCache) -> torch.Tensor:
+        """Feed the next input tokens [B, n] (a chunk or one step) -> logits [B, n, V].
+
+        ``logits[:, i]`` is the distribution of the token after ``tokens[:, i]``. The first
+        token of a stream must be the modality tag (``prefill`` does that).
+        """
+        return self.logits(self.hidden(tokens, cache))
+
+    def prefill(self, ids: torch.Tensor, modality: torch.Tensor, cache: TransformerCache) -> torch.Tensor:
+        """Start a stream: prompt bytes ids [B, n] (n may be 0) -> logits [B, n+1, V].
+
+        ``logits[:, t]`` predicts ``ids[:, t]`` as the full forward does; ``logits[:, n]`` is
+        the distribution of the first byte after the prompt.
+        """
+        if cache.length != 0:
+            raise ValueError(
+                f"prefill needs an empty cache (it holds {cache.length} tokens); call cache.reset()"
+            )
+        if ids.dim() != 2 or modality.shape != ids.shape[:1]:
+            raise ValueError(
+                f"expected ids [B, n] and modality [B], got {tuple(ids.shape)} and {tuple(modality.shape)}"
+            )
+        tokens = torch.cat([modality[:, None].to(ids.dtype), ids], dim=1)  # [B, 1 + n]
+        return self.forward_step(tokens, cache)
+
+    # --- accounting ---------------------------------------------------------------------------
+    def flops_per_byte(self, mean_patch_len: float | None = None) -> float:
+        """Training FLOPs per byte at ``max_seq_len``; ``mean_patch_len`` is ignored (no patches)."""
+        c = self.config
+        T = c.max_seq_len
+        matmul = linear_flops(self.blocks) + 2 * c.dim * c.vocab_size  # per token; head counted even if tied
+        attn = c.n_layers * attention_flops(attention_pairs(T, window=c.window), c.dim) / T
+        return training_flops(matmul + attn)
+
+
+def transformer_preset(name: str, **overrides) -> TransformerConfig:
+    """A shipped size from PRESETS, with any field overridden."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown transformer preset {name!r}; known: {sorted(PRESETS)}")
+    return TransformerConfig(**{**PRESETS[name], **overrides})
+
