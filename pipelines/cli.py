@@ -28,6 +28,7 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv_is_sys = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in {"-h", "--help", "help"}:
         print(usage())
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module = importlib.import_module(f"polybyte.pipelines.{COMMANDS[command][0]}")
     if command in {"fit", "validate"}:
-        result = module.main([command, *rest])
+        result = module.main(None if argv_is_sys else [command, *rest])
     else:
         result = module.main(rest)
     return int(result or 0)

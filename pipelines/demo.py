@@ -1,0 +1,154 @@
+"""`polybyte demo`: the embedded default run, end to end on this machine.
+
+1. builds the demo's mixed dataset (stdlib text, procedural images, synthesised audio; no
+   downloads) and shards it — once, into a cache folder shared with `configs/debug.yaml`;
+2. trains the debug config (tiny MEGABYTE) for a few minutes (CPU, or GPU if present);
+3. evaluates bits per byte per modality next to gzip/bzip2/xz, PNG/WebP/JPEG XL and FLAC;
+4. samples images (PNG), audio (WAV) and text from the trained model;
+5. prints where everything is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from .demo_data import build_demo_inputs
+
+DEMO_VERSION = "v1"  # bump when the demo data or its shard settings change
+DEMO_SETTINGS = {  # adapter settings the demo shards are written with
+    "text": {},
+    "image": {"size": 32, "order": "patch2"},  # 2x2-pixel blocks: 12 bytes, one MEGABYTE patch
+    "audio": {"sample_rate": 8000, "encoding": "pcm16"},
+}
+DEMO_MAX_DOC_BYTES = 8192  # many evenly sized text documents, so the val split is not tiny
+DEMO_VAL_FRACTION = 0.1
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("POLYBYTE_CACHE", "~/.cache/polybyte")).expanduser()
+
+
+def ensure_demo_shards(cache_dir: str | Path | None = None, quiet: bool = False) -> dict[str, Path]:
+    """Shard folders of the demo dataset ``{"text": DIR, "image": DIR, "audio": DIR}``.
+
+    Built on first use into ``cache_dir`` (default ``$POLYBYTE_CACHE`` or ~/.cache/polybyte),
+    atomically (a temp folder renamed into place), then reused.
+    """
+    from .shards import write_shards
+
+    root = Path(cache_dir) if cache_dir else cache_root()
+    final = root / f"demo-{DEMO_VERSION}"
+    dirs = {m: final / "shards" / m for m in DEMO_SETTINGS}
+    if (final / "ready.json").is_file():
+        return dirs
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".demo-{DEMO_VERSION}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if not quiet:
+        print(f"demo: building the embedded dataset in {final} (once)", flush=True)
+    inputs = build_demo_inputs(tmp / "inputs", image_size=DEMO_SETTINGS["image"]["size"],
+                               sample_rate=DEMO_SETTINGS["audio"]["sample_rate"])  # fmt: skip
+    summary = {}
+    for modality, settings in DEMO_SETTINGS.items():
+        manifest = write_shards(modality, [inputs[modality]], tmp / "shards" / modality, settings=settings,
+                                val_fraction=DEMO_VAL_FRACTION, max_doc_bytes=DEMO_MAX_DOC_BYTES)  # fmt: skip
+        summary[modality] = {split: manifest["splits"][split]["samples"] for split in ("train", "val")}
+    (tmp / "ready.json").write_text(json.dumps(summary, indent=2))
+    try:
+        tmp.rename(final)
+    except OSError:  # another process finished first: use theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dirs
+
+
+def debug_config() -> dict:
+    text = resources.files("polybyte.configs").joinpath("debug.yaml").read_text()
+    return yaml.safe_load(text)
+
+
+def demo_config(out: Path, steps: int, minutes: float, shards: dict[str, Path]) -> Path:
+    """The debug config with the run folder moved under ``out`` and the given length."""
+    cfg = debug_config()
+    run = out / "run"
+    trainer = cfg["trainer"]
+    trainer["default_root_dir"] = str(run)
+    trainer["max_steps"] = steps
+    trainer["max_time"] = {"minutes": minutes}
+    trainer["val_check_interval"] = max(1, steps // 4)
+    for logger in trainer["logger"]:
+        logger["init_args"]["save_dir"] = str(run)
+    for cb in trainer["callbacks"]:
+        if cb["class_path"].endswith("ExportCheckpoint"):
+            cb["init_args"]["dirpath"] = str(run / "checkpoints")
+            cb["init_args"]["every_n_train_steps"] = max(1, steps // 4)
+    cfg["data"]["sources"] = {m: str(d) for m, d in shards.items()}
+    path = out / "demo.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def run_demo(out: Path, steps: int, minutes: float, samples: int) -> int:
+    t0 = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    shards = ensure_demo_shards()
+    config = demo_config(out, steps, minutes, shards)
+
+    print(f"\ndemo: training the debug config ({config}) for up to {steps} steps / {minutes:g} min", flush=True)
+    from .lit import main as lit_main
+
+    lit_main(["fit", "--config", str(config)])
+    ckpt = out / "run" / "checkpoints" / "last"
+
+    print("\ndemo: evaluating bits per byte on the val split, with codecs", flush=True)
+    from .evaluate import evaluate
+
+    evaluate(ckpt, [f"{m}={d}" for m, d in shards.items()], out / "eval", codecs=True)
+
+    sample_dirs = {}
+    try:
+        from .sample import main as sample_main
+    except ImportError:  # generation not installed in this build
+        sample_main = None
+    if sample_main is not None:
+        print("\ndemo: sampling", flush=True)
+        for modality, num, extra in (("image", samples, []), ("audio", 2, []), ("text", 2, ["--max-bytes", "400"])):
+            folder = out / "samples" / modality
+            sample_main(["--ckpt", str(ckpt), "--modality", modality, "--num", str(num), "--out", str(folder), *extra])
+            sample_dirs[modality] = folder
+
+    report = json.loads((out / "eval" / "report.json").read_text())
+    print(f"\ndemo: done in {time.perf_counter() - t0:.0f} s. Results:")
+    for name, e in report["modalities"].items():
+        codecs = {c: r["bpb"] for c, r in (e.get("codecs") or {}).items() if "bpb" in r}
+        best = min(codecs.items(), key=lambda kv: kv[1]) if codecs else None
+        line = f"  {name:<6} model {e['bpb']:.3f} bits/byte"
+        print(line + (f"   best codec {best[0]} {best[1]:.3f}" if best else ""))
+    print(f"  config       {config}")
+    print(f"  checkpoint   {ckpt}  (model.safetensors + config.json)")
+    print(f"  logs         {out / 'run'}  (tensorboard --logdir {out / 'run'})")
+    print(f"  eval report  {out / 'eval' / 'report.md'}  (+ bpb.png)")
+    for modality, folder in sample_dirs.items():
+        print(f"  {modality + ' samples':<12} {folder}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="polybyte demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="polybyte-demo", help="output folder (default: ./polybyte-demo)")
+    p.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
+    p.add_argument("--minutes", type=float, default=4.0, help="training time cap in minutes (default 4)")
+    p.add_argument("--samples", type=int, default=8, help="images to sample (default 8)")
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.minutes <= 0:
+        print("polybyte demo: --steps and --minutes must be positive", file=sys.stderr)
+        return 2
+    return run_demo(Path(args.out), args.steps, args.minutes, args.samples)

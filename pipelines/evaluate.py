@@ -1,0 +1,227 @@
+"""`polybyte eval`: exact bits per byte per modality on every val sample, beside classic codecs.
+
+Each sample is scored as its own id stream — text ``[TEXT] + doc + [EOS]``, image/audio
+``payload + [EOS]`` — cut into ``seq_len`` windows. With ``--stride`` below ``seq_len`` the
+windows overlap and every window after the first scores only its last ``stride`` targets, so
+each byte is scored exactly once but with up to ``seq_len - stride`` bytes of extra context.
+At the default stride (= ``seq_len``) the windows are exactly the validation loader's, so the
+numbers equal ``val/bpb_*`` of `polybyte validate` on the same samples.
+
+Outputs in ``--out``: ``report.json``, ``report.md`` (one table per modality: model vs codecs),
+``bpb.png`` (bar chart) and, for BLT, ``patches.png`` (per-byte entropy and patch boundaries).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from polybyte.modalities import EOS, NUM_BYTES, PAD, TAGS
+
+from .data import BPBMeter, SkipCounter, Source, _payloads, resolve_sources, sample_stream, stream_windows
+from .export import load_exported
+
+LN2 = math.log(2.0)
+
+
+def val_payloads(source: Source) -> list[bytes]:
+    """Every readable val payload of a source, in the fixed val order (skips are counted)."""
+    import webdataset as wds
+
+    if not source.val:
+        raise ValueError(f"source {source.name!r} has no val shards (val-*.tar); shard it with --val-fraction > 0")
+    counter = SkipCounter(max_fraction=0.5, min_seen=10)
+    samples = wds.tarfile_samples(({"url": u} for u in source.val), handler=counter.handler)
+    payloads = list(_payloads(samples, source, counter))
+    if counter.skipped:
+        print(f"eval: {source.name}: skipped {counter.skipped} unreadable samples", file=sys.stderr)
+    return payloads
+
+
+@torch.no_grad()
+def score(model, streams: list[tuple[np.ndarray, int]], seq_len: int, stride: int, batch_size: int, device) -> dict:
+    """Sum of bits and count of payload targets per modality, plus per-sample bits.
+
+    streams: [(ids int array, tag)] — one per sample.
+    """
+    meter = BPBMeter()
+    rows: list[tuple[np.ndarray, np.ndarray, int, int]] = []  # (window, scored mask, tag, sample index)
+    per_sample_bits = [0.0] * len(streams)
+    for i, (stream, tag) in enumerate(streams):
+        for window, scored in stream_windows(stream, seq_len, stride):
+            rows.append((window, scored, tag, i))
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        ids = torch.from_numpy(np.stack([r[0] for r in chunk])).long().to(device)  # [B, T]
+        scored = torch.from_numpy(np.stack([r[1] for r in chunk])).to(device)  # [B, T] bool
+        modality = torch.tensor([r[2] for r in chunk], device=device)
+        _, nll = model.loss(ids, modality)
+        nll = torch.where(scored, nll.float(), 0.0)
+        # ids outside the scored region are hidden from the payload mask by marking them PAD
+        masked_ids = torch.where(scored, ids, torch.full_like(ids, PAD))
+        meter.update(nll, masked_ids, modality)
+        bits = (torch.where(masked_ids < NUM_BYTES, nll.double(), 0.0).sum(1) / LN2).tolist()
+        for r, b in zip(chunk, bits):
+            per_sample_bits[r[3]] += b
+    return {"meter": meter, "per_sample_bits": per_sample_bits, "windows": len(rows)}
+
+
+def evaluate(
+    ckpt,
+    data: list[str],
+    out_dir,
+    *,
+    codecs: bool = False,
+    stride: int | None = None,
+    seq_len: int | None = None,
+    batch_size: int = 8,
+    device: str | None = None,
+    max_samples: int | None = None,
+) -> dict:
+    """Score the val samples of each ``modality=DIR`` source; write the report files."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, info = load_exported(ckpt, device)
+    seq_len = int(seq_len or info.get("seq_len") or model.config.max_seq_len)
+    stride = int(stride or seq_len)
+    if not 0 < stride <= seq_len:
+        raise ValueError(f"--stride must be in 1..seq_len={seq_len}, got {stride}")
+    trained = info.get("modalities", {})
+    sources = resolve_sources(data)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict = {"checkpoint": str(ckpt), "backbone": info["model"]["backbone"], "seq_len": seq_len,
+                    "stride": stride, "params": model.num_params(), "modalities": {}}  # fmt: skip
+    for source in sources:
+        settings = source.adapter().settings_dict()
+        _check_settings(source, settings, trained.get(source.modality))
+        payloads = val_payloads(source)[:max_samples]
+        if not payloads:
+            raise ValueError(f"source {source.name!r}: no readable val samples")
+        tag = TAGS[source.modality]
+        streams = [(sample_stream(p, tag), tag) for p in payloads]
+        t0 = time.perf_counter()
+        result = score(model, streams, seq_len, stride, batch_size, device)
+        seconds = time.perf_counter() - t0
+        bits = float(result["meter"].bits.sum())
+        count = int(result["meter"].count.sum())
+        entry = {
+            "source": source.name, "samples": len(payloads), "payload_bytes": count, "windows": result["windows"],
+            "bpb": bits / count, "seconds": seconds, "settings": settings,
+        }  # fmt: skip
+        if source.modality == "image":
+            entry["bits_per_dim"] = entry["bpb"]  # 8-bit RGB: one byte per dimension
+        if source.modality == "audio":
+            per_sample = {"pcm16": 2, "mulaw8": 1, "pcm8": 1}[settings["encoding"]]
+            entry["bits_per_sample"] = entry["bpb"] * per_sample
+        if codecs:
+            from .codecs import codec_bpb
+
+            entry["codecs"] = codec_bpb(source.modality, payloads, settings)
+        report["modalities"][source.name] = entry
+        print(f"eval: {source.name}: {entry['bpb']:.4f} bits/byte over {count} bytes of {len(payloads)} samples")
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text(markdown_report(report))
+    plot_bpb(report, out / "bpb.png")
+    if hasattr(model, "patch_trace"):
+        text = next((s for s in sources if s.modality == "text"), None)
+        if text is not None:
+            plot_patches(model, val_payloads(text)[0][:160], out / "patches.png", device)
+    print(f"eval: report written to {out}/report.md")
+    return report
+
+
+def _check_settings(source: Source, settings: dict, trained: dict | None) -> None:
+    if trained is None:
+        return
+    differ = {k: (v, trained[k]) for k, v in settings.items() if k in trained and trained[k] != v and k != "clip_seconds"}
+    if differ:
+        detail = ", ".join(f"{k}: data {a!r} vs model {b!r}" for k, (a, b) in differ.items())
+        raise ValueError(f"source {source.name!r} was encoded differently from the model's training data ({detail})")
+
+
+def markdown_report(report: dict) -> str:
+    lines = [f"# polybyte eval — {report['backbone']}", "",
+             f"checkpoint `{report['checkpoint']}`, {report['params'] / 1e6:.2f}M parameters, "
+             f"seq_len {report['seq_len']}, stride {report['stride']}", ""]  # fmt: skip
+    for name, e in report["modalities"].items():
+        unit = " (= bits/dim)" if "bits_per_dim" in e else (", bits/sample" if "bits_per_sample" in e else "")
+        lines += [f"## {name} ({e['samples']} samples, {e['payload_bytes']} payload bytes)", "",
+                  f"| method | bits/byte{unit} |", "|---|---|"]  # fmt: skip
+        extra = e.get("bits_per_sample")
+        lines.append(f"| **{report['backbone']}** | {e['bpb']:.4f}" + (f", {extra:.3f}" if extra else "") + " |")
+        for codec, r in (e.get("codecs") or {}).items():
+            lines.append(f"| {codec} | " + (f"{r['bpb']:.4f} |" if "bpb" in r else f"skipped: {r['skipped']} |"))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_bpb(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    entries = report["modalities"]
+    fig, axes = plt.subplots(1, len(entries), figsize=(4.5 * len(entries), 3.6), squeeze=False)
+    for ax, (name, e) in zip(axes[0], entries.items()):
+        labels = [report["backbone"]] + [c for c, r in (e.get("codecs") or {}).items() if "bpb" in r]
+        values = [e["bpb"]] + [r["bpb"] for r in (e.get("codecs") or {}).values() if "bpb" in r]
+        ax.bar(range(len(values)), values, color=["C3"] + ["C0"] * (len(values) - 1))
+        ax.set_xticks(range(len(values)), labels, rotation=40, ha="right", fontsize=8)
+        ax.set_title(name)
+        ax.set_ylabel("bits per byte")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_patches(model, text: bytes, path: Path, device) -> None:
+    """Per-byte entropy (from the BLT's entropy model, if any) with patch starts marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ids = torch.tensor([list(text)], device=device)
+    trace = model.patch_trace(ids, torch.tensor([TAGS["text"]], device=device))
+    starts = trace["starts"][0].cpu().numpy()
+    entropy = trace.get("entropies")
+    fig, ax = plt.subplots(figsize=(min(24, 0.16 * len(text) + 2), 3.2))
+    if entropy is not None:
+        ax.plot(entropy[0].float().cpu().numpy(), color="C0", lw=1)
+        ax.set_ylabel("entropy (nats)")
+    for x in np.flatnonzero(starts):
+        ax.axvline(x - 0.5, color="C3", lw=0.6, alpha=0.6)
+    ax.set_xticks(range(len(text)), [chr(b) if 32 <= b < 127 else "·" for b in text], fontsize=6)
+    ax.set_title(f"patch starts (red), {int(starts.sum())} patches over {len(text)} bytes")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="polybyte eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", required=True, help="checkpoint folder (or .ckpt) written by `polybyte fit`")
+    p.add_argument("--data", nargs="+", required=True, metavar="MODALITY=DIR", help="shard folders, e.g. text=shards/text")
+    p.add_argument("--out", required=True, help="report folder")
+    p.add_argument("--codecs", action="store_true", help="also compress the same samples with classic codecs")
+    p.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: seq_len)")
+    p.add_argument("--seq-len", type=int, default=None, help="window length (default: the training seq_len)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-samples", type=int, default=None, help="score only the first N val samples per source")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    args = p.parse_args(argv)
+    try:
+        evaluate(args.ckpt, args.data, args.out, codecs=args.codecs, stride=args.stride, seq_len=args.seq_len,
+                 batch_size=args.batch_size, device=args.device, max_samples=args.max_samples)  # fmt: skip
+    except (ValueError, FileNotFoundError) as e:
+        print(f"polybyte eval: error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,56 @@
+"""Checkpoint export without pickles: ``DIR/model.safetensors`` + ``DIR/config.json``.
+
+`config.json` holds the backbone config (``{"backbone": ..., fields}``), the modality adapter
+settings the model was trained with (``{"text": {...}, "image": {...}}``) and a few facts about
+the run (step, seq_len). `eval` and `sample` rebuild everything from these two files.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from polybyte.models import ByteLM, build_model, config_to_dict
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+def save_exported(out_dir, model: ByteLM, modalities: dict[str, dict], extra: dict[str, Any] | None = None) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # safetensors refuses shared storage (tied weights): save each tensor contiguous on its own.
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(state, str(out / WEIGHTS))
+    info = {"model": config_to_dict(model.config), "modalities": modalities, **(extra or {})}
+    (out / CONFIG).write_text(json.dumps(info, indent=2, sort_keys=True))
+    return out
+
+
+def resolve(path) -> Path:
+    """Accept an export folder, a folder's model.safetensors, or a Lightning ``X.ckpt`` (-> ``X/``)."""
+    p = Path(path)
+    if p.suffix == ".ckpt":
+        p = p.with_suffix("")
+    if p.is_file() and p.name == WEIGHTS:
+        p = p.parent
+    if not (p / WEIGHTS).is_file() or not (p / CONFIG).is_file():
+        raise FileNotFoundError(
+            f"{path}: no {WEIGHTS} + {CONFIG} found; pass a checkpoint folder written by `polybyte fit` "
+            f"(e.g. runs/NAME/checkpoints/last) or its .ckpt file"
+        )
+    return p
+
+
+def load_exported(path, device: str | torch.device = "cpu") -> tuple[ByteLM, dict[str, Any]]:
+    """Rebuild the model from an export folder; returns (model in eval mode, config.json dict)."""
+    folder = resolve(path)
+    info = json.loads((folder / CONFIG).read_text())
+    model = build_model(dict(info["model"]))
+    state = load_file(str(folder / WEIGHTS), device=str(device))
+    model.load_state_dict(state)
+    return model.to(device).eval(), info

@@ -1,0 +1,210 @@
+"""Lightning training around any `ByteLM`, and the `polybyte fit|validate` LightningCLI.
+
+Every checkpoint `X.ckpt` written by `ExportCheckpoint` also gets a sibling folder `X/` holding
+`model.safetensors` + `config.json` (model and modality settings), which is what `polybyte eval`
+and `polybyte sample` load — no Lightning state, no pickles.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+from polybyte.modalities import TAG_NAMES
+from polybyte.models import ByteLM, build_model
+from polybyte.models.base import nll_loss
+
+from .data import BPBMeter, ByteDataModule
+from .export import load_exported, save_exported
+
+# Dense bf16 tensor-core peaks (datasheet, FLOP/s) used for MFU; unknown devices log no MFU.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+
+
+def device_peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def no_decay(name: str, param: torch.nn.Parameter, module_types: dict[str, type]) -> bool:
+    """Norm weights, biases, embeddings, hash tables and pad/start parameters get no weight decay."""
+    owner = module_types.get(name.rsplit(".", 1)[0], type(None))
+    return param.ndim < 2 or issubclass(owner, (torch.nn.Embedding, torch.nn.RMSNorm, torch.nn.LayerNorm))
+
+
+class ByteLMModule(L.LightningModule):
+    """Trains a byte model; logs loss, per-modality BPB, bytes/s, patches, MFU, lr.
+
+    Args:
+        model: backbone config as a dict, ``{"backbone": "megabyte", ...fields}`` (see configs/).
+        lr: peak learning rate of AdamW.
+        betas: AdamW betas (0.9, 0.95 as in MEGABYTE/BLT/nanoGPT).
+        weight_decay: decoupled weight decay on matrices only (not norms, embeddings, hash tables).
+        warmup_steps: linear warm-up from 0 to ``lr``.
+        max_steps: length of the cosine decay; -1 takes the trainer's ``max_steps``.
+        min_lr_ratio: cosine floor as a fraction of ``lr``.
+        compile: ``torch.compile`` the model (not this module) at fit start.
+        entropy_model: BLT only: a folder (or .safetensors file) exported by an entropy-model run,
+            loaded into the BLT's frozen entropy model.
+    """
+
+    def __init__(
+        self,
+        model: dict[str, Any],
+        lr: float = 3e-4,
+        betas: tuple[float, float] = (0.9, 0.95),
+        weight_decay: float = 0.1,
+        warmup_steps: int = 100,
+        max_steps: int = -1,
+        min_lr_ratio: float = 0.1,
+        compile: bool = False,
+        entropy_model: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model: ByteLM = build_model(dict(model))
+        if entropy_model:
+            self._load_entropy_model(entropy_model)
+        self.bpb_meter = BPBMeter()
+        self._t_last: float | None = None
+        self._compiled = None
+
+    # --- helpers ------------------------------------------------------------------------------
+    def _load_entropy_model(self, path: str) -> None:
+        target = getattr(self.model, "entropy_model", None)
+        if target is None:
+            raise ValueError(f"entropy_model={path!r} given but backbone {self.model.backbone!r} has none")
+        loaded, _ = load_exported(path)
+        missing, unexpected = target.load_state_dict(loaded.state_dict(), strict=False)
+        if missing or unexpected:
+            raise ValueError(f"entropy model at {path} does not fit: missing {missing}, unexpected {unexpected}")
+        target.requires_grad_(False).eval()
+
+    @property
+    def net(self):
+        return self._compiled if self._compiled is not None else self.model
+
+    def configure_model(self) -> None:
+        if self.hparams.compile and self._compiled is None:
+            self._compiled = torch.compile(self.model)
+
+    def forward(self, ids: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
+        return self.net(ids, modality)
+
+    def _step(self, batch):
+        ids, modality = batch[0], batch[1]
+        loss, nll = nll_loss(self.net(ids, modality), ids, self.model.config.pad_id)
+        return ids, modality, loss, nll
+
+    # --- training -----------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        ids, modality, loss, nll = self._step(batch)
+        B, T = ids.shape
+        self.log("train/loss", loss, prog_bar=True)
+        for tag, bpb in BPBMeter.batch_bpb(nll.detach(), ids, modality).items():
+            self.log(f"train/bpb_{TAG_NAMES[tag]}", bpb)
+        now = time.perf_counter()
+        if self._t_last is not None:
+            dt = now - self._t_last
+            bytes_per_s = B * T * self.trainer.world_size / dt
+            self.log("perf/bytes_per_s", bytes_per_s, prog_bar=True)
+            peak = device_peak_flops(self.device)
+            aux = self.model.aux
+            mean_patch = None
+            if "num_patches" in aux:
+                patches = float(aux["num_patches"])
+                mean_patch = float(aux.get("num_bytes", B * T)) / max(patches, 1.0)
+                self.log("perf/patches_per_s", patches * self.trainer.world_size / dt)
+                self.log("perf/mean_patch_len", mean_patch)
+            if peak:
+                mfu = self.model.flops_per_byte(mean_patch_len=mean_patch) * bytes_per_s / (peak * self.trainer.world_size)
+                self.log("perf/mfu", mfu, prog_bar=True)
+        self._t_last = now
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        skipped = self._skipped()
+        if skipped is not None:
+            self.log("data/skipped", float(skipped))
+        return loss
+
+    def _skipped(self):
+        dm = getattr(self.trainer, "datamodule", None)
+        return getattr(dm, "skipped", None) if dm is not None else None
+
+    # --- validation ---------------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self.bpb_meter = BPBMeter()
+
+    def validation_step(self, batch, batch_idx):
+        ids, modality, loss, nll = self._step(batch)
+        self.bpb_meter.update(nll, ids, modality)
+        self.log("val/loss", loss, sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        totals = self.bpb_meter.totals(device=self.device)  # tag -> [bits, count]
+        if self.trainer.world_size > 1:
+            for v in totals.values():
+                torch.distributed.all_reduce(v)
+        for tag, (bits, count) in totals.items():
+            if count > 0:
+                self.log(f"val/bpb_{TAG_NAMES[tag]}", bits / count, sync_dist=False, rank_zero_only=False)
+
+    # --- optimisation -------------------------------------------------------------------------
+    def configure_optimizers(self):
+        hp = self.hparams
+        module_types = {n: type(m) for n, m in self.model.named_modules()}
+        decay, keep = [], []
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                (keep if no_decay(name, p, module_types) else decay).append(p)
+        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": keep, "weight_decay": 0.0}]
+        fused = torch.cuda.is_available()
+        opt = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), fused=fused)
+        total = hp.max_steps if hp.max_steps > 0 else max(int(self.trainer.max_steps), 1)
+        warm = max(int(hp.warmup_steps), 0)
+
+        def schedule(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            progress = min(1.0, (step - warm) / max(1, total - warm))
+            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class ExportCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint that also exports ``X/model.safetensors`` + ``X/config.json`` per ``X.ckpt``."""
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        if trainer.is_global_zero:
+            module: ByteLMModule = trainer.lightning_module
+            dm = getattr(trainer, "datamodule", None)
+            modalities = dm.modality_settings() if dm is not None and hasattr(dm, "modality_settings") else {}
+            extra = {"step": trainer.global_step, "seq_len": getattr(dm, "seq_len", None)}
+            save_exported(Path(filepath).with_suffix(""), module.model, modalities, extra)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``argv`` starts with the subcommand (fit / validate); None reads ``sys.argv``."""
+    torch.set_float32_matmul_precision("high")
+    if argv is not None:
+        sys.argv = sys.argv[:1]  # LightningCLI warns when args= and sys.argv both carry arguments
+    LightningCLI(
+        ByteLMModule,
+        ByteDataModule,
+        args=argv,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={"precision": "bf16-mixed" if torch.cuda.is_available() else "32-true"},
+    )
+    return 0
