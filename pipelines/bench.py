@@ -1,5 +1,10 @@
 """`polybyte bench`: throughput measurements.
 
+``--what train`` times full training steps (forward, backward, fused AdamW; bf16 autocast on
+GPU) of each ``--model`` config on windows cut from ``--text`` (or random bytes), with CUDA
+events after warm-up, and prints bytes/s, MFU and each model's speed relative to the first
+config given — the baseline measured in the same run (default: the flat transformer).
+
 ``--what data`` times the training loader (decode, window, shuffle, mix, batch) on CPU and
 prints bytes/s and samples/s. With no ``--data`` it builds a small synthetic text/image/audio
 webdataset in a temporary folder first, so it runs anywhere.
@@ -39,7 +44,113 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batches", type=int, default=50, help="batches timed after the first (default %(default)s)")
     g.add_argument("--shuffle-buffer", type=int, default=100,
                    help="windows per source and worker (default %(default)s)")
+    g = p.add_argument_group("train (--what train)")
+    g.add_argument("--model", nargs="+", metavar="CONFIG",
+                   default=["configs/text-transformer.yaml", "configs/text-megabyte.yaml", "configs/text-blt.yaml"],
+                   help="LightningCLI YAML configs (their model section); the first is the baseline")
+    g.add_argument("--text", default=None, help="file whose bytes fill the windows (default: random bytes)")
+    g.add_argument("--steps", type=int, default=20, help="timed steps per model (default %(default)s)")
+    g.add_argument("--warmup", type=int, default=5, help="untimed steps first (default %(default)s)")
+    g.add_argument("--compile", action="store_true", help="torch.compile each model")
+    g.add_argument("--train-batch-size", type=int, default=8, help="windows per step (default %(default)s)")
+    g.add_argument("--json", default=None, help="also write the results to this JSON file")
     return p
+
+
+def _model_config(path: str) -> dict:
+    import yaml
+
+    cfg = yaml.safe_load(Path(path).read_text())
+    return dict(cfg["model"]["model"])
+
+
+def bench_train(configs: list[str], text: str | None, batch_size: int, steps: int, warmup: int,
+                compile_model: bool) -> list[dict]:  # fmt: skip
+    """Time training steps of each config; returns one result dict per config."""
+    from polybyte.models import build_model
+    from polybyte.pipelines.lit import device_peak_flops
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device.type == "cuda"
+    corpus = np.frombuffer(Path(text).read_bytes(), dtype=np.uint8) if text else None
+    results = []
+    for path in configs:
+        model_cfg = _model_config(path)
+        torch.manual_seed(0)
+        model = build_model(model_cfg).to(device)
+        seq_len = model.config.max_seq_len
+        rng = np.random.default_rng(0)
+
+        def batch():
+            if corpus is None:
+                ids = rng.integers(0, 256, size=(batch_size, seq_len))
+            else:
+                starts = rng.integers(0, len(corpus) - seq_len, size=batch_size)
+                ids = np.stack([corpus[s : s + seq_len] for s in starts])
+            return torch.from_numpy(ids).long().to(device), torch.full((batch_size,), 258, device=device)
+
+        net = torch.compile(model) if compile_model else model
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=cuda)
+        batches = [batch() for _ in range(4)]
+
+        def step(i):
+            ids, modality = batches[i % len(batches)]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                from polybyte.models.base import nll_loss
+
+                loss, _ = nll_loss(net(ids, modality), ids, model.config.pad_id)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss
+
+        for i in range(warmup):
+            step(i)
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        t0 = time.perf_counter()
+        patches = 0.0
+        for i in range(steps):
+            step(i)
+            if "num_patches" in model.aux:
+                patches += float(model.aux["num_patches"]) / float(model.aux.get("num_bytes", batch_size * seq_len))
+        if cuda:
+            end.record()
+            torch.cuda.synchronize()
+            seconds = start.elapsed_time(end) / 1000
+        else:
+            seconds = time.perf_counter() - t0
+        bytes_per_s = steps * batch_size * seq_len / seconds
+        mean_patch = steps / patches if patches else None
+        flops = model.flops_per_byte(mean_patch_len=mean_patch)
+        peak = device_peak_flops(device)
+        results.append({
+            "config": path, "backbone": model.backbone, "params": model.num_params(), "seq_len": seq_len,
+            "batch_size": batch_size, "ms_per_step": 1000 * seconds / steps, "bytes_per_s": bytes_per_s,
+            "flops_per_byte": flops, "mfu": flops * bytes_per_s / peak if peak else None,
+            "mean_patch_len": mean_patch, "compiled": compile_model,
+            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        })  # fmt: skip
+        del net, model, opt
+        if cuda:
+            torch.cuda.empty_cache()
+    return results
+
+
+def print_train(results: list[dict]) -> None:
+    base = results[0]["bytes_per_s"]
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    print(f"train steps on {device} (bf16 autocast on GPU), batch {results[0]['batch_size']}:")
+    print(f"{'config':<34} {'params':>8} {'seq':>6} {'ms/step':>8} {'bytes/s':>12} {'MFU':>6} {'patch':>6} {'vs first':>8}")
+    for r in results:
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
+        patch = f"{r['mean_patch_len']:.2f}" if r["mean_patch_len"] else "-"
+        print(f"{Path(r['config']).name:<34} {r['params'] / 1e6:>7.1f}M {r['seq_len']:>6} {r['ms_per_step']:>8.1f} "
+              f"{r['bytes_per_s']:>12,.0f} {mfu:>6} {patch:>6} {r['bytes_per_s'] / base:>7.2f}x")  # fmt: skip
 
 
 def synthetic_shards(out_dir: Path, seed: int = 0) -> dict[str, str]:
@@ -123,8 +234,20 @@ def bench_data(
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.what == "train":
+        missing = [c for c in args.model if not Path(c).is_file()]
+        if missing:
+            print(f"polybyte bench: config not found: {', '.join(missing)}", file=sys.stderr)
+            return 2
+        results = bench_train(args.model, args.text, args.train_batch_size, args.steps, args.warmup, args.compile)
+        print_train(results)
+        if args.json:
+            import json
+
+            Path(args.json).write_text(json.dumps(results, indent=2))
+        return 0
     if args.what != "data":
-        print(f"polybyte bench: --what {args.what} is not implemented yet; use --what data", file=sys.stderr)
+        print(f"polybyte bench: --what {args.what} is not implemented yet; use --what train or data", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="polybyte-bench-") as tmp:
         sources = args.data or synthetic_shards(Path(tmp))
