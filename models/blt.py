@@ -33,7 +33,10 @@ predict byte t, with u_t = the tag (t = 0) or ids[t-1]:
    caches=cache.decoder)`` -> logits of byte t.
 
 Rows of a batch close patches at different steps, so a batched generator runs step 3 for the
-rows that close one (their latent caches grow at different rates).
+rows that close one (their latent caches grow at different rates). ``new_state`` / ``step`` /
+``prefill`` do exactly that for ``models/generate.py``: whenever any row closes a patch the
+latent model takes one step for all rows, each at its own patch index (``RowKVCache``), and
+only the closing rows keep the result.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ from torch import nn
 
 from . import patching
 from .base import ByteLM, ByteLMConfig, _dataclass_from_dict, register_backbone
-from .entropy import compute_entropies
+from .entropy import compute_entropies, step_entropies
 from .flops import TRAIN_FACTOR, attention_flops, attention_pairs, linear_flops
 from .layers import (
     Attention,
@@ -317,6 +320,58 @@ class BLTCache:
     entropy: TransformerCache | None  # the entropy model's (entropy patching only)
 
 
+class RowKVCache:
+    """KV cache of one latent layer whose rows hold different numbers of patches.
+
+    In batched generation rows close patches at different bytes. The latent model then runs
+    for every row at once, each row at its own patch index ``lengths[b]``: its new key/value is
+    written at that slot and the caller passes the row mask (keys ``<= lengths[b]``). Only the
+    rows that closed a patch advance (``advance``); the others computed a throwaway step, whose
+    slot their next real patch overwrites. Capacity doubles when a row needs more.
+    Same ``update``/``length`` protocol as ``KVCache`` (``window`` None).
+    """
+
+    window = None
+
+    def __init__(self, B: int, n_kv_heads: int, head_dim: int, capacity: int, device, dtype) -> None:
+        self.k = torch.zeros(B, n_kv_heads, capacity, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.slots = torch.zeros(B, dtype=torch.long, device=device)  # next slot of each row
+        self.length = 0  # keys returned by update: max(lengths) + 1, set by the caller
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One new step per row, k/v [B, Hkv, 1, Dh] -> keys/values [B, Hkv, length, Dh], positions."""
+        if self.length > self.k.shape[2]:  # grow: [B, Hkv, C, Dh] -> [B, Hkv, 2C, Dh]
+            grow = max(self.length, 2 * self.k.shape[2]) - self.k.shape[2]
+            self.k = torch.cat([self.k, self.k.new_zeros(*self.k.shape[:2], grow, self.k.shape[3])], dim=2)
+            self.v = torch.cat([self.v, self.v.new_zeros(*self.v.shape[:2], grow, self.v.shape[3])], dim=2)
+        rows = torch.arange(k.shape[0], device=k.device)
+        self.k[rows, :, self.slots] = k[:, :, 0]
+        self.v[rows, :, self.slots] = v[:, :, 0]
+        return self.k[:, :, : self.length], self.v[:, :, : self.length], torch.arange(self.length, device=k.device)
+
+
+@dataclasses.dataclass
+class BLTState:
+    """Incremental-decoding state of a batch; create with ``BLT.new_state``.
+
+    Every row sits at the same byte position ``pos`` (prompts of different lengths are
+    teacher-forced by the caller); rows differ in their patches.
+    """
+
+    modality: torch.Tensor  # [B] modality tag ids
+    max_len: int  # most positions this state can decode
+    pos: int  # next position to emit logits for
+    cache: BLTCache  # encoder / decoder / entropy caches; ``latent`` holds RowKVCaches
+    inputs: torch.Tensor  # [B, max_len] input stream: the tag, then byte t-1 at position t
+    enc_states: list[torch.Tensor]  # per pooled encoder layer [B, max_len, D_E]: states of every input
+    num_patches: torch.Tensor  # [B] patches started so far (= the latent slot of the next one)
+    open_start: torch.Tensor  # [B] first input of the input patch being filled
+    content_start: torch.Tensor  # [B] last start before max-length cuts (patching._cut_long)
+    entropy: torch.Tensor  # [B] entropy of the byte at pos - 1 (entropy_relative)
+    slots: torch.Tensor | None  # [B, k, D_D] decoder slots of each row's current patch
+
+
 # --- the model --------------------------------------------------------------------------------
 @register_backbone("blt", BLTConfig)
 class BLT(ByteLM):
@@ -425,6 +480,19 @@ class BLT(ByteLM):
                 entropies = compute_entropies(self.entropy_model, ids, modality)
         return patching.patch(ids, self.config.patcher, entropies)
 
+    @torch.no_grad()
+    def calibrate_threshold(
+        self, ids: torch.Tensor, modality: torch.Tensor, target_mean_patch_len: float | None = None
+    ) -> float:
+        """Set ``patcher.threshold`` so that entropy patching of ``ids`` gives the target mean
+        patch length (default ``patcher.patch_size``); returns the threshold."""
+        if not self.config.patcher.needs_entropies:
+            raise ValueError(f"calibrate_threshold needs entropy patching, not {self.config.patcher.kind!r}")
+        entropies = compute_entropies(self.entropy_model, ids, modality)
+        threshold = patching.find_threshold(entropies, target_mean_patch_len, ids, self.config.patcher)
+        self.config.patcher.threshold = threshold
+        return threshold
+
     def encode_bytes(
         self,
         x: torch.Tensor,
@@ -529,6 +597,142 @@ class BLT(ByteLM):
         n_patches, n_bytes = patching.patch_counts(patch_ids, ids, self.config.pad_id)
         self.aux = {"num_patches": n_patches, "num_bytes": n_bytes}
         return logits
+
+    # --- incremental decoding -----------------------------------------------------------------
+    def new_state(self, modality: torch.Tensor, max_len: int, dtype: torch.dtype | None = None) -> BLTState:
+        """Empty decoding state for rows with tags ``modality`` [B] (its device is used), able to
+        decode ``max_len`` positions. Cache ``dtype`` defaults to the weights'."""
+        c = self.config
+        B, dev = modality.shape[0], modality.device
+        dtype = dtype or self.head.weight.dtype
+        cache = self.new_cache(B, 1, dev, dtype)
+        G = c.latent
+        capacity = min(max_len + 1, 2 * max_len // c.patcher.patch_size + 16)  # grows if needed
+        cache.latent = [
+            RowKVCache(B, G.n_kv_heads or G.n_heads, G.dim // G.n_heads, capacity, dev, dtype)
+            for _ in range(G.n_layers)
+        ]
+        inputs = torch.full((B, max_len), c.pad_id, dtype=torch.long, device=dev)
+        inputs[:, 0] = modality
+        zeros = torch.zeros(B, dtype=torch.long, device=dev)
+        return BLTState(
+            modality=modality,
+            max_len=max_len,
+            pos=0,
+            cache=cache,
+            inputs=inputs,
+            enc_states=[torch.zeros(B, max_len, c.encoder.dim, device=dev, dtype=dtype) for _ in self.enc_cross],
+            num_patches=zeros,
+            open_start=zeros.clone(),
+            content_start=zeros.clone(),
+            entropy=torch.zeros(B, device=dev),
+            slots=None,
+        )
+
+    @torch.no_grad()
+    def step(self, state: BLTState, prev: torch.Tensor | None) -> torch.Tensor:
+        """Logits [B, V] for position ``state.pos``, given ``prev`` [B] = the bytes at position
+        ``state.pos - 1`` (None exactly when ``state.pos == 0``); advances ``state.pos`` by one.
+
+        The recipe of the module docstring, batched: the entropy model and the local encoder
+        take input ``pos``, the rows whose byte ``pos`` starts a patch pool their closed input
+        patch and the latent model runs one step (all rows, masked per row), the local decoder
+        emits the logits.
+        """
+        t, c = state.pos, self.config
+        if (prev is None) != (t == 0):
+            raise ValueError(f"step at position {t}: prev must be {'None' if t == 0 else 'the byte at t-1 [B]'}")
+        if t >= state.max_len:
+            raise ValueError(f"state is full: max_len {state.max_len} positions decoded")
+        if prev is not None:
+            state.inputs[:, t] = prev
+        u = state.inputs[:, t : t + 1]  # [B, 1]
+        positions = torch.tensor([t], device=u.device)
+        entropy = None
+        if c.patcher.needs_entropies:
+            entropy = step_entropies(self.entropy_model, u, state.cache.entropy)[:, 0]
+        starts = self._step_starts(state, t, entropy)
+        # local encoder, one input (hash n-grams see the inputs before it)
+        n_max = max(c.hash_ngrams.sizes)
+        x = self.embed(u, history=state.inputs[:, max(0, t - n_max + 1) : t])
+        states = self.encode_bytes(x, positions, state.cache.encoder)
+        for buf, h in zip(state.enc_states, states[-len(self.enc_cross) :]):
+            buf[:, t] = h[:, 0]
+        strided = c.patcher.kind == "strided"  # the same known boundaries in every row: no sync
+        if bool(starts[0]) if strided else bool(starts.any()):
+            self._close_patches(state, t, starts)
+        logits = self.decode(
+            states[-1], state.slots, torch.zeros_like(u), positions, state.cache.decoder
+        )  # [B, 1, V]
+        state.pos = t + 1
+        return logits[:, 0]
+
+    def _step_starts(self, state: BLTState, t: int, entropy: torch.Tensor | None) -> torch.Tensor:
+        """Whether byte t starts a patch, per row [B] bool: ``patching.patch_starts`` evaluated
+        at its newest position only, from bytes < t and the entropy of byte t."""
+        p = self.config.patcher
+        B, dev = state.inputs.shape[0], state.inputs.device
+        if p.kind == "strided":
+            start = t % p.patch_size == 0 or (p.max_patch_len is not None and t % p.patch_size % p.max_patch_len == 0)
+            return torch.full((B,), start, dtype=torch.bool, device=dev)
+        none = torch.full((B,), -1, dtype=torch.long, device=dev)  # before the row's start
+        prev = state.inputs[:, t] if t >= 1 else none  # byte t-1 (input t)
+        prev2 = state.inputs[:, t - 1] if t >= 2 else none  # byte t-2
+        if p.kind == "space":
+            start = patching.is_space_like(prev) & ~patching.is_space_like(prev2)
+        else:
+            score = entropy.float()
+            if p.kind == "entropy_relative":
+                score = score - state.entropy
+            state.entropy = entropy.float()
+            start = score > p.threshold
+        if p.split_after_special:
+            start |= (prev >= patching.NUM_BYTES) & (prev != p.pad_id)
+        not_after_pad = prev != p.pad_id
+        if p.first_patch_len_one and t == 1:
+            start = torch.ones_like(start)
+        start &= not_after_pad
+        if t == 0:
+            start = torch.ones_like(start)
+        if p.max_patch_len is not None:
+            state.content_start = torch.where(start, t, state.content_start)
+            start |= ((t - state.content_start) % p.max_patch_len == 0) & not_after_pad
+        return start
+
+    def _close_patches(self, state: BLTState, t: int, starts: torch.Tensor) -> None:
+        """Rows where byte t starts a patch: pool their input patch (inputs open_start..t), one
+        latent step at their own patch index, new decoder slots."""
+        B, dev = starts.shape[0], starts.device
+        first = int(state.open_start.min())  # oldest input still in an open patch
+        pos = torch.arange(first, t + 1, device=dev)
+        in_patch = (pos >= state.open_start[:, None]).long()  # [B, n]: 0 = this row's open patch
+        used = [buf[:, first : t + 1] for buf in state.enc_states]
+        pooled = self.encode_patches(used, 1 - in_patch, 1)  # [B, 1, D_G]
+        # latent step: row b at patch index num_patches[b], attending to its own patches only
+        slot = state.num_patches
+        kv_len = int(slot.max()) + 1
+        keys = torch.arange(kv_len, device=dev)
+        mask = AttentionMask(1, kv_len, dense=(keys <= slot[:, None])[:, None, None, :])  # [B, 1, 1, Tk]
+        x = pooled
+        for block, cache in zip(self.latent_blocks, state.cache.latent):
+            cache.slots, cache.length = slot, kv_len
+            x = block(x, positions=slot[:, None], mask_mod=mask, causal=True, cache=cache)
+        slots = self.decoder_slots(self.latent_norm(x))  # [B, k, D_D]
+        state.slots = slots if state.slots is None else torch.where(starts[:, None, None], slots, state.slots)
+        state.num_patches = slot + starts.long()
+        state.open_start = torch.where(starts, t + 1, state.open_start)
+
+    @torch.no_grad()
+    def prefill(self, state: BLTState, ids: torch.Tensor) -> torch.Tensor:
+        """Feed a prompt ids [B, n] into a fresh state, one byte at a time; returns logits
+        [B, n+1, V] for positions 0..n and leaves ``state.pos = n + 1`` (next: ``step(state, byte_n)``)."""
+        if state.pos != 0:
+            raise ValueError(f"prefill needs a fresh state (pos 0), got pos {state.pos}")
+        n = ids.shape[1]
+        if n + 1 > state.max_len:
+            raise ValueError(f"prompt of {n} bytes needs max_len >= {n + 1}, state has {state.max_len}")
+        out = [self.step(state, None if t == 0 else ids[:, t - 1]) for t in range(n + 1)]
+        return torch.stack(out, dim=1)
 
     # --- accounting ---------------------------------------------------------------------------
     def num_params(self, exclude_embeddings: bool = False) -> int:

@@ -89,6 +89,11 @@ def bench_train(configs: list[str], text: str | None, batch_size: int, steps: in
                 ids = np.stack([corpus[s : s + seq_len] for s in starts])
             return torch.from_numpy(ids).long().to(device), torch.full((batch_size,), 258, device=device)
 
+        if getattr(model.config, "patcher", None) is not None and model.config.patcher.needs_entropies:
+            # An untrained entropy model is unsure everywhere (1-byte patches): calibrate the
+            # threshold on this data to the configured mean patch length, as a trained one would be.
+            ids, modality = batch()
+            model.calibrate_threshold(ids, modality)
         net = torch.compile(model) if compile_model else model
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=cuda)
         batches = [batch() for _ in range(4)]

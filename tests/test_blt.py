@@ -308,3 +308,28 @@ def test_loss_falls_below_4_bits_per_byte_on_shakespeare(shakespeare):
         bits.append(loss.item() / math.log(2))
     assert bits[0] > 7.0  # starts near uniform over 264 ids
     assert sum(bits[-10:]) / 10 < 4.0, bits[-10:]
+
+
+def test_calibrate_threshold_hits_target_mean_patch_length():
+    from polybyte.models.blt import BLTConfig
+    from polybyte.models.entropy import entropy_model_config
+    from polybyte.models.patching import PatcherConfig
+
+    torch.manual_seed(0)
+    cfg = BLTConfig(
+        max_seq_len=64,
+        patcher=PatcherConfig(kind="entropy", patch_size=4),
+        hash_ngrams=dict(table_size=64),
+        encoder=dict(dim=32, n_layers=1, n_heads=2, window=16),
+        latent=dict(dim=32, n_layers=1, n_heads=2),
+        decoder=dict(dim=32, n_layers=1, n_heads=2, window=16),
+        entropy_model=entropy_model_config(dim=32, n_layers=1, n_heads=2, window=16, max_seq_len=64),
+    )
+    model = base.build_model(cfg)
+    ids = torch.randint(0, 256, (4, 64))
+    modality = torch.full((4,), 258)
+    threshold = model.calibrate_threshold(ids, modality, target_mean_patch_len=4.0)
+    assert model.config.patcher.threshold == threshold
+    model(ids, modality)
+    mean = float(model.aux["num_bytes"]) / float(model.aux["num_patches"])
+    assert 3.0 <= mean <= 5.0
