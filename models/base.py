@@ -58,6 +58,12 @@ class ByteLM(nn.Module, ABC):
     def flops_per_byte(self, mean_patch_len: float | None = None) -> float:
         """Training FLOPs (forward + backward) per byte of the grid at ``seq_len``."""
 
+    def generate(self, modality, prompts=None, max_bytes: int = 256, **kwargs) -> list[list[int]]:
+        """Cached batched sampling; see `polybyte.models.generate.generate` for the arguments."""
+        from .generate import generate
+
+        return generate(self, modality, prompts, max_bytes, **kwargs)
+
     def num_params(self, exclude_embeddings: bool = False) -> int:
         skip = set()
         if exclude_embeddings:

@@ -324,11 +324,12 @@ class RowKVCache:
     """KV cache of one latent layer whose rows hold different numbers of patches.
 
     In batched generation rows close patches at different bytes. The latent model then runs
-    for every row at once, each row at its own patch index ``lengths[b]``: its new key/value is
-    written at that slot and the caller passes the row mask (keys ``<= lengths[b]``). Only the
-    rows that closed a patch advance (``advance``); the others computed a throwaway step, whose
-    slot their next real patch overwrites. Capacity doubles when a row needs more.
-    Same ``update``/``length`` protocol as ``KVCache`` (``window`` None).
+    for every row at once, row b at its own patch index ``next_slot[b]``: its new key/value is
+    written at that slot and the caller passes the row mask (keys ``<= next_slot[b]``) and
+    ``length`` (``max(next_slot) + 1`` keys returned). The caller advances ``next_slot`` only
+    for the rows that closed a patch; the others computed a throwaway step, whose slot their
+    next real patch overwrites. Capacity doubles when a row needs more. Same ``update`` /
+    ``length`` protocol as ``KVCache`` (``window`` None), so ``Attention`` uses it unchanged.
     """
 
     window = None
@@ -336,8 +337,8 @@ class RowKVCache:
     def __init__(self, B: int, n_kv_heads: int, head_dim: int, capacity: int, device, dtype) -> None:
         self.k = torch.zeros(B, n_kv_heads, capacity, head_dim, device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
-        self.slots = torch.zeros(B, dtype=torch.long, device=device)  # next slot of each row
-        self.length = 0  # keys returned by update: max(lengths) + 1, set by the caller
+        self.next_slot = torch.zeros(B, dtype=torch.long, device=device)  # where each row writes
+        self.length = 0  # keys returned by update (max(next_slot) + 1), set by the caller
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One new step per row, k/v [B, Hkv, 1, Dh] -> keys/values [B, Hkv, length, Dh], positions."""
@@ -346,8 +347,8 @@ class RowKVCache:
             self.k = torch.cat([self.k, self.k.new_zeros(*self.k.shape[:2], grow, self.k.shape[3])], dim=2)
             self.v = torch.cat([self.v, self.v.new_zeros(*self.v.shape[:2], grow, self.v.shape[3])], dim=2)
         rows = torch.arange(k.shape[0], device=k.device)
-        self.k[rows, :, self.slots] = k[:, :, 0]
-        self.v[rows, :, self.slots] = v[:, :, 0]
+        self.k[rows, :, self.next_slot] = k[:, :, 0]
+        self.v[rows, :, self.next_slot] = v[:, :, 0]
         return self.k[:, :, : self.length], self.v[:, :, : self.length], torch.arange(self.length, device=k.device)
 
 
@@ -658,9 +659,13 @@ class BLT(ByteLM):
         states = self.encode_bytes(x, positions, state.cache.encoder)
         for buf, h in zip(state.enc_states, states[-len(self.enc_cross) :]):
             buf[:, t] = h[:, 0]
-        strided = c.patcher.kind == "strided"  # the same known boundaries in every row: no sync
-        if bool(starts[0]) if strided else bool(starts.any()):
-            self._close_patches(state, t, starts)
+        # strided boundaries are known on the host (the same in every row): no sync between them
+        if c.patcher.kind != "strided" or t % c.patcher.patch_size == 0 or c.patcher.max_patch_len:
+            # one device -> host transfer: any row closing, oldest open input, most patches so far
+            summary = torch.stack([starts.any().long(), state.open_start.min(), state.num_patches.max()])
+            closing, first, most = summary.tolist()
+            if closing:
+                self._close_patches(state, t, starts, first, most + 1)
         logits = self.decode(
             states[-1], state.slots, torch.zeros_like(u), positions, state.cache.decoder
         )  # [B, 1, V]
@@ -699,23 +704,22 @@ class BLT(ByteLM):
             start |= ((t - state.content_start) % p.max_patch_len == 0) & not_after_pad
         return start
 
-    def _close_patches(self, state: BLTState, t: int, starts: torch.Tensor) -> None:
+    def _close_patches(self, state: BLTState, t: int, starts: torch.Tensor, first: int, kv_len: int) -> None:
         """Rows where byte t starts a patch: pool their input patch (inputs open_start..t), one
-        latent step at their own patch index, new decoder slots."""
-        B, dev = starts.shape[0], starts.device
-        first = int(state.open_start.min())  # oldest input still in an open patch
+        latent step at their own patch index, new decoder slots. ``first``: the oldest input of
+        any row's open patch; ``kv_len``: max(num_patches) + 1."""
+        dev = starts.device
         pos = torch.arange(first, t + 1, device=dev)
-        in_patch = (pos >= state.open_start[:, None]).long()  # [B, n]: 0 = this row's open patch
+        outside = (pos < state.open_start[:, None]).long()  # [B, n]: patch id 0 = the row's open patch
         used = [buf[:, first : t + 1] for buf in state.enc_states]
-        pooled = self.encode_patches(used, 1 - in_patch, 1)  # [B, 1, D_G]
+        pooled = self.encode_patches(used, outside, 1)  # [B, 1, D_G]; id 1 is ignored
         # latent step: row b at patch index num_patches[b], attending to its own patches only
         slot = state.num_patches
-        kv_len = int(slot.max()) + 1
         keys = torch.arange(kv_len, device=dev)
         mask = AttentionMask(1, kv_len, dense=(keys <= slot[:, None])[:, None, None, :])  # [B, 1, 1, Tk]
         x = pooled
         for block, cache in zip(self.latent_blocks, state.cache.latent):
-            cache.slots, cache.length = slot, kv_len
+            cache.next_slot, cache.length = slot, kv_len
             x = block(x, positions=slot[:, None], mask_mod=mask, causal=True, cache=cache)
         slots = self.decoder_slots(self.latent_norm(x))  # [B, k, D_D]
         state.slots = slots if state.slots is None else torch.where(starts[:, None, None], slots, state.slots)

@@ -5,6 +5,11 @@ GPU) of each ``--model`` config on windows cut from ``--text`` (or random bytes)
 events after warm-up, and prints bytes/s, MFU and each model's speed relative to the first
 config given — the baseline measured in the same run (default: the flat transformer).
 
+``--what sample`` times batched sampling with caches (``models/generate.py``) of each ``--model``
+(a config, ``BACKBONE:PRESET`` such as ``megabyte:base``, or a checkpoint folder) against the
+uncached baseline — a full forward over the whole prefix per byte — in the same run, and prints
+bytes/s of both and their ratio.
+
 ``--what data`` times the training loader (decode, window, shuffle, mix, batch) on CPU and
 prints bytes/s and samples/s. With no ``--data`` it builds a small synthetic text/image/audio
 webdataset in a temporary folder first, so it runs anywhere.
@@ -13,6 +18,7 @@ webdataset in a temporary folder first, so it runs anywhere.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import sys
 import tempfile
@@ -54,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", action="store_true", help="torch.compile each model")
     g.add_argument("--train-batch-size", type=int, default=8, help="windows per step (default %(default)s)")
     g.add_argument("--json", default=None, help="also write the results to this JSON file")
+    g = p.add_argument_group("sample (--what sample; --model also takes BACKBONE:PRESET or a checkpoint folder)")
+    g.add_argument("--modality", default="image", choices=["text", "image", "audio"], help="tag to sample under")
+    g.add_argument("--sample-bytes", type=int, default=12288, help="bytes per row, cached (default: one 64x64 image)")
+    g.add_argument("--uncached-bytes", type=int, default=512,
+                   help="bytes per row timed for the uncached baseline and the like-for-like ratio (default %(default)s)")
+    g.add_argument("--sample-batch-size", type=int, default=16, help="rows sampled together (default %(default)s)")
+    g.add_argument("--fp32", action="store_true", help="no bf16 autocast on GPU")
     return p
 
 
@@ -158,6 +171,110 @@ def print_train(results: list[dict]) -> None:
               f"{r['bytes_per_s']:>12,.0f} {mfu:>6} {patch:>6} {r['bytes_per_s'] / base:>7.2f}x")  # fmt: skip
 
 
+def _sample_model(spec: str, device: torch.device):
+    """A model to time sampling with: ``backbone:preset`` (e.g. megabyte:base, random weights), a
+    LightningCLI YAML (random weights) or an exported checkpoint folder (trained weights)."""
+    from polybyte.models import build_model
+
+    path = Path(spec)
+    if path.is_dir() or path.suffix == ".ckpt":
+        from polybyte.pipelines.export import load_exported
+
+        return load_exported(path, device)[0], False
+    if path.suffix in (".yaml", ".yml"):
+        return build_model(_model_config(spec)).to(device).eval(), True
+    backbone, _, preset = spec.partition(":")
+    if backbone == "transformer":
+        from polybyte.models.transformer import transformer_preset as make
+    elif backbone == "blt":
+        from polybyte.models.blt import blt_preset as make
+    elif backbone == "megabyte":
+        from polybyte.models.megabyte import PRESETS
+
+        def make(name):
+            if name not in PRESETS:
+                raise ValueError(f"unknown megabyte preset {name!r}; known: {sorted(PRESETS)}")
+            return dataclasses.replace(PRESETS[name])
+    else:
+        raise ValueError(
+            f"{spec}: expected BACKBONE:PRESET (transformer|megabyte|blt), a .yaml config or a checkpoint folder"
+        )
+    torch.manual_seed(0)
+    return build_model(make(preset)).to(device).eval(), True
+
+
+def bench_sample(spec: str, modality: str = "image", batch_size: int = 16, max_bytes: int = 12288,
+                 uncached_bytes: int = 512, bf16: bool | None = None) -> dict:  # fmt: skip
+    """Time batched sampling (``models.generate``) with caches against the uncached baseline
+    (a full forward over the whole prefix per byte) on the current device, same model, same run.
+
+    Cached: ``batch_size`` rows x ``max_bytes`` bytes (capped by MEGABYTE's max_seq_len).
+    Uncached: the first ``uncached_bytes`` bytes only (its cost grows with the prefix), so the
+    cached run is also timed over that many bytes for a like-for-like ratio. Random weights
+    with BLT entropy patching get a threshold calibrated to the preset's mean patch length.
+    """
+    from polybyte.modalities import TAGS
+    from polybyte.models import patching
+    from polybyte.models.entropy import compute_entropies
+    from polybyte.models.generate import generate
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device.type == "cuda"
+    bf16 = cuda if bf16 is None else bf16
+    model, random_weights = _sample_model(spec, device)
+    tag = TAGS[modality]
+    if model.backbone == "megabyte":
+        max_bytes = min(max_bytes, model.config.max_seq_len)
+    uncached_bytes = min(uncached_bytes, max_bytes)
+    patcher = getattr(model.config, "patcher", None)
+    if random_weights and patcher is not None and patcher.needs_entropies:
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, NUM_BYTES, (4, 1024), generator=g).to(device)
+        from polybyte.models.entropy import compute_entropies
+
+        entropies = compute_entropies(model.entropy_model, ids, torch.full((4,), tag, device=device))
+        theta = patching.find_threshold(entropies, None, ids, patcher)
+        model.config.patcher = dataclasses.replace(patcher, threshold=theta)
+
+    def timed(n: int, use_cache: bool) -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            generate(model, tag, None, n, num=batch_size, seed=0, stop_at_eos=False, use_cache=use_cache)
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    warm = min(64, uncached_bytes)
+    timed(warm, True)  # kernels, allocator, cuBLAS handles
+    timed(warm, False)
+    cached_s = timed(max_bytes, True)
+    cached_short_s = timed(uncached_bytes, True)
+    uncached_s = timed(uncached_bytes, False)
+    return {
+        "model": spec, "backbone": model.backbone, "params": model.num_params(), "device": str(device),
+        "bf16": bf16, "batch_size": batch_size, "bytes": max_bytes, "uncached_bytes": uncached_bytes,
+        "cached_s": cached_s, "cached_bytes_per_s": batch_size * max_bytes / cached_s,
+        "cached_short_bytes_per_s": batch_size * uncached_bytes / cached_short_s,
+        "uncached_bytes_per_s": batch_size * uncached_bytes / uncached_s,
+    }  # fmt: skip
+
+
+def print_sample(results: list[dict]) -> None:
+    r0 = results[0]
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    print(f"sampling on {device} ({'bf16 autocast' if r0['bf16'] else 'fp32'}), batch {r0['batch_size']}; "
+          f"uncached = full forward over the prefix per byte, timed over the first {r0['uncached_bytes']} bytes:")
+    print(f"{'model':<30} {'params':>8} {'bytes':>6} {'seconds':>8} {'cached B/s':>11} "
+          f"{'short: cached':>13} {'uncached':>9} {'ratio':>7}")
+    for r in results:
+        ratio = r["cached_short_bytes_per_s"] / r["uncached_bytes_per_s"]
+        print(f"{Path(r['model']).name:<30} {r['params'] / 1e6:>7.1f}M {r['bytes']:>6} {r['cached_s']:>8.2f} "
+              f"{r['cached_bytes_per_s']:>11,.0f} {r['cached_short_bytes_per_s']:>13,.0f} "
+              f"{r['uncached_bytes_per_s']:>9,.0f} {ratio:>6.1f}x")  # fmt: skip
+
+
 def synthetic_shards(out_dir: Path, seed: int = 0) -> dict[str, str]:
     """Write one small webdataset per modality (.txt, .png, .flac members; no manifest) and
     return ``{modality: folder}``. Procedural content, nothing downloaded."""
@@ -246,6 +363,22 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         results = bench_train(args.model, args.text, args.train_batch_size, args.steps, args.warmup, args.compile)
         print_train(results)
+        if args.json:
+            import json
+
+            Path(args.json).write_text(json.dumps(results, indent=2))
+        return 0
+    if args.what == "sample":
+        try:
+            results = [
+                bench_sample(spec, args.modality, args.sample_batch_size, args.sample_bytes, args.uncached_bytes,
+                             bf16=False if args.fp32 else None)
+                for spec in args.model
+            ]  # fmt: skip
+        except (ValueError, FileNotFoundError) as e:
+            print(f"polybyte bench: {e}", file=sys.stderr)
+            return 2
+        print_sample(results)
         if args.json:
             import json
 

@@ -1,0 +1,266 @@
+"""Batched autoregressive sampling with caches, for every backbone.
+
+``generate(model, modality, prompts, max_bytes, ...)`` returns each row's new ids. Rows are
+left-aligned: every row of the batch sits at the same byte position ``t``. The common prefix of
+the prompts goes through the backbone's ``prefill`` in one call; after it, a row whose prompt is
+longer is teacher-forced (its prompt byte is fed instead of the sample) while the other rows
+sample. Rows never see each other, so this equals decoding each row on its own.
+
+Each backbone decodes incrementally through a small decoder object with two calls,
+``prefill(ids [B, n]) -> logits [B, n+1, V]`` and ``step(prev [B]) -> logits [B, V]``:
+
+* flat transformer: ``new_cache`` / ``prefill`` / ``forward_step`` (per-layer KV caches);
+* MEGABYTE and BLT: ``new_state`` / ``prefill`` / ``step`` on the model (global or latent model
+  once per patch, local models once per byte; see their modules);
+* ``use_cache=False``: every step reruns the full forward over the whole prefix — the reference
+  that tests compare the caches against and ``polybyte bench --what sample`` times.
+
+Sampling forbids PAD and the modality tags (only bytes 0..255 and EOS can be produced; EOS only
+while ``stop_at_eos``, so fixed-size payloads such as images always come out whole).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from .base import ByteLM
+
+NUM_BYTES = 256  # ids 0..255 are bytes
+EOS_ID = 257  # end of sample; the other ids >= 256 are PAD and tags, never sampled
+CHECK_EVERY = 32  # steps between host syncs that test whether every row has stopped at EOS
+
+
+def generate(
+    model: ByteLM,
+    modality: torch.Tensor | int,
+    prompts: Sequence[bytes | Sequence[int]] | None = None,
+    max_bytes: int = 256,
+    *,
+    num: int | None = None,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stop_at_eos: bool = True,
+    use_cache: bool = True,
+    progress: Callable[[int], None] | None = None,
+) -> list[list[int]]:
+    """Sample up to ``max_bytes`` new ids after each prompt.
+
+    model: any ByteLM backbone (eval mode is the caller's choice; sampling runs without grad).
+    modality: the tag id (258 text, 259 image, 260 audio) for every row, or a LongTensor [B].
+    prompts: one prompt per row (bytes or ids, lengths may differ, may be empty); None means
+      ``num`` empty prompts.
+    temperature: softmax temperature; 0 is greedy (argmax), as is ``top_k=1``.
+    top_k / top_p: keep the k most likely ids / the smallest set whose probability reaches p.
+    seed: seeds a generator of its own (reproducible samples); None uses torch's global RNG.
+    stop_at_eos: a row stops after sampling EOS (not included in its output); False forbids EOS,
+      so every row gets exactly ``max_bytes`` bytes.
+    progress: called now and then with the number of bytes generated since its last call.
+    Returns one list of new ids (0..255) per row. Runs under autocast if the caller enables it.
+    """
+    if prompts is None:
+        if num is None:
+            raise ValueError("pass prompts (one per row) or num (that many empty prompts)")
+        prompts = [b""] * num
+    elif num is not None and num != len(prompts):
+        raise ValueError(f"num={num} but {len(prompts)} prompts given")
+    if not prompts:
+        raise ValueError("need at least one row: pass a non-empty list of prompts or num >= 1")
+    if max_bytes < 0:
+        raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+
+    device = next(model.parameters()).device
+    vocab = model.config.vocab_size
+    rows = [list(p) for p in prompts]
+    for i, r in enumerate(rows):
+        if r and not 0 <= min(r) <= max(r) < vocab:
+            raise ValueError(f"prompt {i} holds ids outside 0..{vocab - 1}")
+    B = len(rows)
+    modality = _modality_tensor(modality, B, device)
+    lengths = [len(r) for r in rows]
+    shortest, longest = min(lengths), max(lengths)
+    total = longest + max_bytes  # positions the batch runs through
+    if max_bytes == 0:
+        return [[] for _ in rows]
+
+    # ids[:, t] = prompt byte (forced) or sample; PAD beyond each prompt until sampled
+    ids = torch.full((B, total), model.config.pad_id, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    ids = ids.to(device)
+    prompt_len = torch.tensor(lengths, device=device)
+    row_end = prompt_len + max_bytes  # a row is done at this position, or after sampling EOS
+    allowed = torch.zeros(vocab, dtype=torch.bool, device=device)
+    allowed[:NUM_BYTES] = True
+    allowed[EOS_ID] = stop_at_eos
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    sample = _Sampler(allowed, temperature, top_k, top_p, generator)
+
+    with torch.no_grad():
+        dec = make_decoder(model, modality, total, use_cache=use_cache)
+        logits = dec.prefill(ids[:, :shortest])[:, -1]  # [B, V]: distribution of byte `shortest`
+        finished = torch.zeros(B, dtype=torch.bool, device=device)  # sampled EOS already
+        reported = 0
+        for t in range(shortest, total):
+            nxt = sample(logits)
+            if t < longest:  # some rows are still inside their prompt: feed that byte instead
+                nxt = torch.where(prompt_len > t, ids[:, t], nxt)
+            ids[:, t] = nxt
+            if stop_at_eos:
+                finished |= (nxt == EOS_ID) & (prompt_len <= t)
+            last = t == total - 1
+            if last or (t - shortest + 1) % CHECK_EVERY == 0:
+                done = _active_until(lengths, max_bytes, t + 1)
+                if progress is not None:
+                    progress(done - reported)
+                reported = done
+                if last or (stop_at_eos and bool((finished | (row_end <= t + 1)).all())):
+                    break
+            logits = dec.step(nxt)
+
+    out = []
+    for i, row in enumerate(ids[:, : t + 1].tolist()):
+        new = row[lengths[i] : lengths[i] + max_bytes]
+        if EOS_ID in new:
+            new = new[: new.index(EOS_ID)]
+        out.append(new)
+    return out
+
+
+def _active_until(lengths: list[int], max_bytes: int, t: int) -> int:
+    """Bytes generated over all rows once positions < t are done (EOS early stops not subtracted)."""
+    return sum(min(max(t - n, 0), max_bytes) for n in lengths)
+
+
+def _modality_tensor(modality: torch.Tensor | int, B: int, device) -> torch.Tensor:
+    if isinstance(modality, int):
+        return torch.full((B,), modality, dtype=torch.long, device=device)
+    modality = torch.as_tensor(modality, dtype=torch.long, device=device)
+    if modality.dim() == 0:
+        return modality.expand(B).clone()
+    if modality.shape != (B,):
+        raise ValueError(f"modality must be an int or a tensor [B]=[{B}], got shape {tuple(modality.shape)}")
+    return modality
+
+
+# --- sampling ---------------------------------------------------------------------------------
+class _Sampler:
+    """logits [B, V] -> next ids [B] with specials masked, temperature, top-k and top-p."""
+
+    def __init__(self, allowed: torch.Tensor, temperature: float, top_k, top_p, generator) -> None:
+        self.blocked = ~allowed
+        self.greedy = temperature == 0 or top_k == 1
+        self.temperature, self.top_k, self.top_p, self.generator = temperature, top_k, top_p, generator
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.float().masked_fill(self.blocked, -torch.inf)
+        if self.greedy:
+            return logits.argmax(-1)
+        logits = logits / self.temperature
+        if self.top_k is not None and self.top_k < logits.shape[-1]:
+            kth = logits.topk(self.top_k, dim=-1).values[:, -1:]  # [B, 1]
+            logits = logits.masked_fill(logits < kth, -torch.inf)
+        if self.top_p is not None and self.top_p < 1:
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            probs = sorted_logits.softmax(-1)
+            # drop an id once the more likely ones already reach p (the most likely always stays)
+            drop_sorted = probs.cumsum(-1) - probs >= self.top_p
+            drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
+            logits = logits.masked_fill(drop, -torch.inf)
+        probs = logits.softmax(-1)
+        return torch.multinomial(probs, 1, generator=self.generator)[:, 0]
+
+
+# --- per-backbone incremental decoders ----------------------------------------------------------
+def make_decoder(model: ByteLM, modality: torch.Tensor, max_len: int, use_cache: bool = True):
+    """A decoder for B = len(modality) rows able to run ``max_len`` positions (prompt included).
+
+    Returns an object with ``prefill(ids [B, n]) -> logits [B, n+1, V]`` (call once, first; n may
+    be 0) and ``step(prev [B]) -> logits [B, V]`` (the next position, given the byte just fixed).
+    """
+    if not use_cache:
+        return _FullForward(model, modality, max_len)
+    if hasattr(model, "new_state"):
+        return _Stateful(model, modality, max_len)
+    if hasattr(model, "new_cache"):
+        return _Flat(model, modality, max_len)
+    raise ValueError(f"{type(model).__name__} has no incremental decoding (new_state or new_cache)")
+
+
+def _cache_dtype(model: ByteLM) -> torch.dtype:
+    """Caches hold what attention computes in: the autocast dtype if autocast is on."""
+    device_type = next(model.parameters()).device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return next(model.parameters()).dtype
+
+
+class _Flat:
+    """Flat transformer: one KV cache per layer over the input stream [tag, b0, b1, ...]."""
+
+    def __init__(self, model, modality: torch.Tensor, max_len: int) -> None:
+        self.model, self.modality = model, modality
+        self.cache = model.new_cache(len(modality), max_len + 1, dtype=_cache_dtype(model))
+
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.prefill(ids, self.modality, self.cache)
+
+    def step(self, prev: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_step(prev[:, None], self.cache)[:, 0]
+
+
+class _Stateful:
+    """Backbones with ``new_state(modality, max_len, dtype)``, ``prefill(state, ids)`` and
+    ``step(state, prev)`` (MEGABYTE, BLT)."""
+
+    def __init__(self, model, modality: torch.Tensor, max_len: int) -> None:
+        self.model = model
+        self.state = model.new_state(modality, max_len, dtype=_cache_dtype(model))
+
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.prefill(self.state, ids)
+
+    def step(self, prev: torch.Tensor) -> torch.Tensor:
+        return self.model.step(self.state, prev)
+
+
+class _FullForward:
+    """No cache: every position reruns ``model(ids, modality)`` over the whole prefix.
+
+    The prefix is PAD-filled up to a multiple of the backbone's fixed patch size (MEGABYTE needs
+    whole patches); causality makes the padding invisible to the logits read.
+    """
+
+    def __init__(self, model, modality: torch.Tensor, max_len: int) -> None:
+        self.model, self.modality = model, modality
+        self.multiple = getattr(model.config, "patch_size", 1)
+        padded = -(-max_len // self.multiple) * self.multiple
+        self.ids = torch.full((len(modality), padded), model.config.pad_id, dtype=torch.long, device=modality.device)
+        self.t = 0  # position whose logits the next call returns
+
+    def _forward(self, n: int) -> torch.Tensor:
+        """Logits [B, n, V] of positions 0..n-1."""
+        L = -(-n // self.multiple) * self.multiple
+        return self.model(self.ids[:, :L], self.modality)[:, :n]
+
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        n = ids.shape[1]
+        self.ids[:, :n] = ids
+        self.t = n
+        return self._forward(n + 1)
+
+    def step(self, prev: torch.Tensor) -> torch.Tensor:
+        self.ids[:, self.t] = prev
+        self.t += 1
+        return self._forward(self.t + 1)[:, -1]

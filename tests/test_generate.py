@@ -1,0 +1,190 @@
+"""Cached sampling (models/generate.py): equal to uncached decoding, sampling controls, EOS, speed."""
+
+import dataclasses
+import time
+
+import pytest
+import torch
+
+from polybyte.models import patching
+from polybyte.models.blt import BLT, BLTConfig
+from polybyte.models.entropy import compute_entropies
+from polybyte.models.generate import generate, make_decoder
+from polybyte.models.megabyte import Megabyte, MegabyteConfig
+from polybyte.models.transformer import Transformer, TransformerConfig
+
+TEXT, IMAGE, AUDIO, PAD, EOS = 258, 259, 260, 256, 257
+PROMPTS = [b"", b"hello", b"ab, cd.\n \xc3\xa9f", b"abc def ghi jkl m"]  # lengths 0, 5, 11, 17
+MODALITIES = torch.tensor([TEXT, IMAGE, AUDIO, TEXT])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models step byte by byte: one intra-op thread avoids thread hand-offs on shared CPUs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def flat(**kw):
+    torch.manual_seed(0)
+    defaults = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64)
+    return Transformer(TransformerConfig(**{**defaults, **kw})).eval()
+
+
+def megabyte(**kw):
+    torch.manual_seed(0)
+    return Megabyte(MegabyteConfig(**{**dict(max_seq_len=128), **kw})).eval()
+
+
+def blt(kind):
+    """A tiny BLT with short local windows; entropy kinds get a threshold for ~3-byte patches."""
+    torch.manual_seed(0)
+    entropy_model = TransformerConfig(dim=32, n_layers=2, n_heads=4, window=6, max_seq_len=64)
+    config = BLTConfig(
+        max_seq_len=64,
+        patcher=dict(kind=kind, patch_size=3, max_patch_len=6),
+        hash_ngrams=dict(table_size=97),
+        encoder=dict(dim=32, n_layers=2, n_heads=2, window=5),
+        latent=dict(dim=48, n_layers=2, n_heads=2),
+        decoder=dict(dim=32, n_layers=2, n_heads=2, window=7),
+        entropy_model=entropy_model if kind.startswith("entropy") else None,
+    )
+    model = BLT(config).eval()
+    if config.patcher.needs_entropies:
+        ids = torch.randint(0, 256, (4, 48), generator=torch.Generator().manual_seed(1))
+        entropies = compute_entropies(model.entropy_model, ids, MODALITIES)
+        theta = patching.find_threshold(entropies, 3.0, ids, config.patcher)
+        model.config.patcher = dataclasses.replace(config.patcher, threshold=theta)
+    return model
+
+
+MODELS = {
+    "flat": lambda: flat(),
+    "flat-window": lambda: flat(window=5),
+    "megabyte": lambda: megabyte(),
+    "megabyte-cross-patch": lambda: megabyte(cross_patch_r=3, patch_size=4, learned_pos=False),
+    "blt-strided": lambda: blt("strided"),
+    "blt-space": lambda: blt("space"),
+    "blt-entropy": lambda: blt("entropy"),
+    "blt-entropy-relative": lambda: blt("entropy_relative"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_cached_logits_match_the_full_forward(name):
+    """Prefill 5 bytes, then one step per byte: every logit equals the full forward's."""
+    model = MODELS[name]()
+    ids = torch.tensor([list(b"the cat, sat on a mat.\n ok!?xyzw")] * 4)  # 32 bytes
+    ids[1, 8:] = torch.randint(0, 256, (24,), generator=torch.Generator().manual_seed(0))
+    ids[2, ::3] = ord(" ")
+    with torch.no_grad():
+        full = model(ids, MODALITIES)
+        dec = make_decoder(model, MODALITIES, ids.shape[1])
+        steps = [dec.prefill(ids[:, :5])] + [dec.step(ids[:, t - 1])[:, None] for t in range(6, 32)]
+    cached = torch.cat(steps, dim=1)
+    assert cached.shape == full.shape
+    assert (cached - full).abs().max() < 1e-4
+    if name in ("blt-space", "blt-entropy", "blt-entropy-relative"):  # rows closed patches apart
+        assert len(set(dec.state.num_patches.tolist())) > 1
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_cached_greedy_equals_uncached(name):
+    model = MODELS[name]()
+    kw = dict(max_bytes=30, temperature=0, stop_at_eos=False)
+    cached = generate(model, MODALITIES, PROMPTS, **kw)
+    uncached = generate(model, MODALITIES, PROMPTS, use_cache=False, **kw)
+    assert cached == uncached
+    assert [len(r) for r in cached] == [30] * 4
+    # a row decodes the same alone as inside a batch of rows at other positions
+    assert generate(model, IMAGE, [PROMPTS[1]], **kw)[0] == cached[1]
+
+
+def test_sampling_controls():
+    model = flat()
+    kw = dict(max_bytes=40, stop_at_eos=False)
+    greedy = generate(model, MODALITIES, PROMPTS, temperature=0, **kw)
+    assert generate(model, MODALITIES, PROMPTS, top_k=1, seed=5, **kw) == greedy
+    assert generate(model, MODALITIES, PROMPTS, top_p=1e-6, seed=5, **kw) == greedy
+    a = generate(model, MODALITIES, PROMPTS, temperature=1.0, seed=7, **kw)
+    assert generate(model, MODALITIES, PROMPTS, temperature=1.0, seed=7, **kw) == a  # seeded: reproducible
+    assert generate(model, MODALITIES, PROMPTS, temperature=1.0, seed=8, **kw) != a
+    assert a != greedy
+    # top-k restricts every draw to the k most likely bytes of the (cached) distribution
+    k3 = generate(model, TEXT, [b"ab"], top_k=3, seed=1, **kw)[0]
+    ids = torch.tensor([list(b"ab") + k3])
+    logits = model(ids, torch.tensor([TEXT]))[0, 2:].clone()
+    logits[:, 256:] = -torch.inf
+    top3 = logits.topk(3, dim=-1).indices
+    assert all(b in top3[i] for i, b in enumerate(k3))
+
+
+class FavoursSpecials(Transformer):
+    """A flat model whose head makes PAD, EOS and the tags far likelier than any byte."""
+
+    def logits(self, h):
+        out = super().logits(h).clone()
+        out[..., PAD:] += 30.0
+        return out
+
+
+def test_only_bytes_and_eos_are_sampled():
+    torch.manual_seed(0)
+    model = FavoursSpecials(TransformerConfig(dim=32, n_layers=2, n_heads=4, max_seq_len=64)).eval()
+    out = generate(model, MODALITIES, PROMPTS, 50, seed=0, stop_at_eos=False)
+    assert all(0 <= b < 256 for row in out for b in row) and [len(r) for r in out] == [50] * 4
+    # with EOS allowed it wins at once: every row stops before its first byte
+    assert generate(model, MODALITIES, PROMPTS, 50, seed=0) == [[]] * 4
+
+
+def test_stops_at_eos():
+    """A flat model trained on "abc" + EOS samples exactly "abc" and stops; rows stop separately."""
+    model = flat()
+    ids = torch.tensor([[*b"abc", EOS, PAD, PAD]] * 4)
+    mod = torch.full((4,), TEXT)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(60):
+        loss, _ = model.loss(ids, mod)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    out = generate(model, TEXT, [b"", b"a", b"ab"], max_bytes=20, temperature=0)
+    assert out == [list(b"abc"), list(b"bc"), list(b"c")]
+    capped = generate(model, TEXT, [b""], max_bytes=2, temperature=0)
+    assert capped == [list(b"ab")]
+    never = generate(model, TEXT, [b""], max_bytes=20, temperature=0, stop_at_eos=False)[0]
+    assert len(never) == 20 and never[:3] == list(b"abc") and EOS not in never
+
+
+def test_progress_counts_every_byte():
+    seen = []
+    generate(flat(), TEXT, PROMPTS, 70, temperature=0, stop_at_eos=False, progress=seen.append)
+    assert sum(seen) == 4 * 70 and len(seen) > 1
+
+
+def test_bad_arguments():
+    model = flat()
+    with pytest.raises(ValueError, match="outside 0..263"):
+        generate(model, TEXT, [[1, 2, 999]], 4)
+    with pytest.raises(ValueError, match="modality must be"):
+        generate(model, torch.tensor([TEXT, TEXT]), [b"a"], 4)
+    with pytest.raises(ValueError, match="top_p"):
+        generate(model, TEXT, [b"a"], 4, top_p=0)
+    with pytest.raises(ValueError, match="prompts"):
+        generate(model, TEXT, None, 4)
+
+
+def test_megabyte_samples_a_64x64_image_on_cpu():
+    """12,288 bytes per image, two images at once: global model every 8 bytes, local per byte."""
+    torch.manual_seed(0)
+    model = Megabyte(MegabyteConfig(max_seq_len=12288)).eval()
+    start = time.perf_counter()
+    out = generate(model, IMAGE, None, 12288, num=2, seed=0, stop_at_eos=False)
+    seconds = time.perf_counter() - start
+    print(f"MEGABYTE tiny: 2 x 12,288 bytes in {seconds:.1f} s ({2 * 12288 / seconds:,.0f} bytes/s)")
+    assert [len(r) for r in out] == [12288, 12288]
+    assert all(0 <= b < 256 for r in out for b in r)

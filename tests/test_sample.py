@@ -1,0 +1,182 @@
+"""`polybyte sample`: images, audio and text from an exported tiny checkpoint, prompts, errors."""
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from PIL import Image
+
+from polybyte.modalities.audio import AudioModality
+from polybyte.modalities.image import ImageModality
+from polybyte.modalities.text import TextModality
+from polybyte.models.megabyte import Megabyte, MegabyteConfig
+from polybyte.models.transformer import Transformer, TransformerConfig
+from polybyte.pipelines.export import save_exported
+from polybyte.pipelines.sample import main
+
+SEQ_LEN = 512
+IMAGE = ImageModality(size=8, order="patch2")  # 192 bytes
+AUDIO = AudioModality(sample_rate=8000, encoding="pcm16", clip_seconds=0.02)  # 160 samples, 320 bytes
+TEXT = TextModality()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models step byte by byte: one intra-op thread avoids thread hand-offs on shared CPUs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A tiny MEGABYTE exported with all three modalities."""
+    torch.manual_seed(0)
+    model = Megabyte(MegabyteConfig(max_seq_len=SEQ_LEN))
+    modalities = {"image": IMAGE.settings_dict(), "audio": AUDIO.settings_dict(), "text": TEXT.settings_dict()}
+    return save_exported(tmp_path_factory.mktemp("ckpt"), model, modalities, {"seq_len": SEQ_LEN})
+
+
+@pytest.fixture(scope="module")
+def text_only_ckpt(tmp_path_factory):
+    """A tiny flat transformer that only knows text, with a short window."""
+    torch.manual_seed(0)
+    model = Transformer(TransformerConfig(dim=32, n_layers=1, n_heads=4, max_seq_len=64))
+    return save_exported(tmp_path_factory.mktemp("flat"), model, {"text": TEXT.settings_dict()}, {"seq_len": 64})
+
+
+def picture(path, w=20, h=12):
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_images_and_grid(ckpt, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["--ckpt", str(ckpt), "--modality", "image", "--num", "3", "--out", str(out),
+                 "--seed", "1", "--device", "cpu"]) == 0  # fmt: skip
+    for i in range(3):
+        with Image.open(out / f"image_{i:03d}.png") as im:
+            assert im.size == (8, 8) and im.mode == "RGB"
+    with Image.open(out / "grid.png") as grid:
+        assert grid.size[0] > 2 * 8 and grid.size[1] > 2 * 8  # 2 x 2 cells for 3 images
+    assert "bytes/s" in capsys.readouterr().out
+
+
+def test_image_prompt_keeps_top_rows(ckpt, tmp_path):
+    src, out = picture(tmp_path / "p.png"), tmp_path / "out"
+    assert main(["--ckpt", str(ckpt), "--modality", "image", "--num", "2", "--out", str(out),
+                 "--prompt", str(src), "--prompt-fraction", "0.5", "--batch-size", "1"]) == 0  # fmt: skip
+    original = np.asarray(IMAGE.decode(IMAGE.encode(src.read_bytes())))
+    for i in range(2):
+        with Image.open(out / f"image_{i:03d}.png") as im:
+            pixels = np.asarray(im)
+        assert (pixels[:4] == original[:4]).all()  # the kept half: 4 of 8 rows
+        assert not (pixels[4:] == original[4:]).all()  # the rest is sampled
+    with Image.open(out / "grid.png") as grid:
+        assert grid.size[0] > 3 * 8 and grid.size[1] > 2 * 8  # prompt | completion | original per row
+
+
+def test_audio_wav_at_model_rate(ckpt, tmp_path):
+    out = tmp_path / "out"
+    assert main(["--ckpt", str(ckpt), "--modality", "audio", "--num", "2", "--out", str(out), "--top-k", "20"]) == 0
+    for i in range(2):
+        wave, rate = sf.read(out / f"audio_{i:03d}.wav")
+        assert rate == 8000 and len(wave) == 160
+    with Image.open(out / "audio.png") as im:
+        assert im.size[0] > 100
+
+
+def test_audio_prompt_is_continued(ckpt, tmp_path):
+    src, out = tmp_path / "p.wav", tmp_path / "out"
+    t = np.arange(800) / 8000
+    sf.write(src, (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 8000, subtype="PCM_16")
+    assert main(["--ckpt", str(ckpt), "--modality", "audio", "--num", "1", "--out", str(out),
+                 "--prompt", str(src), "--prompt-seconds", "0.01"]) == 0  # fmt: skip
+    wave, rate = sf.read(out / "audio_000.wav", dtype="int16")
+    prompt, _ = sf.read(src, dtype="int16")
+    assert rate == 8000 and len(wave) == 160 and (wave[:80] == prompt[:80]).all()
+
+
+def test_text_prompt_continued_and_printed(ckpt, tmp_path, capsys):
+    src, out = tmp_path / "p.txt", tmp_path / "out"
+    src.write_text("To be, or not")
+    assert main(["--ckpt", str(ckpt), "--modality", "text", "--num", "2", "--out", str(out),
+                 "--prompt", str(src), "--max-bytes", "40", "--top-p", "0.9", "--seed", "3"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    for i in range(2):
+        data = (out / f"text_{i:03d}.txt").read_bytes()
+        assert data.startswith(b"To be, or not") and len(data) <= 13 + 40
+        assert f"text_{i:03d}" in printed
+
+
+def test_text_only_model(text_only_ckpt, tmp_path):
+    out = tmp_path / "out"
+    assert main(["--ckpt", str(text_only_ckpt), "--modality", "text", "--num", "1", "--out", str(out)]) == 0
+    assert len((out / "text_000.txt").read_bytes()) <= 63  # the default length fits the 64-byte window
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--modality", "image", "--prompt", "{wav}"], "looks like audio (.wav) but --modality is image"),
+        (["--modality", "text", "--prompt", "{png}"], "looks like image (.png) but --modality is text"),
+        (["--modality", "image", "--prompt", "{fake}"], "cannot decode image"),
+        (["--modality", "image", "--prompt", "{missing}"], "not found"),
+        (["--modality", "image", "--prompt", "{png}", "--prompt-fraction", "1.0"], "--prompt-fraction"),
+        (["--modality", "image", "--max-bytes", "1000"], "exceeds one 8px image"),
+        (["--modality", "text", "--max-bytes", "600"], "exceed the model's window"),
+    ],
+)
+def test_bad_input_exits_2_with_a_message(ckpt, tmp_path, capsys, args, message):
+    files = {
+        "wav": tmp_path / "a.wav",
+        "fake": tmp_path / "fake.png",
+        "png": picture(tmp_path / "a.png"),
+        "missing": tmp_path / "nope.png",
+    }
+    sf.write(files["wav"], np.zeros(100, dtype=np.float32), 8000)
+    files["fake"].write_text("not an image")
+    args = [a.format(**files) for a in args]
+    assert main(["--ckpt", str(ckpt), "--num", "1", "--out", str(tmp_path / "out"), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_modality_missing_from_checkpoint_and_long_prompt(text_only_ckpt, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    assert main(["--ckpt", str(text_only_ckpt), "--modality", "image", "--num", "1", "--out", out]) == 2
+    assert "not trained on 'image'" in capsys.readouterr().err
+    long = tmp_path / "long.txt"
+    long.write_text("x" * 100)
+    assert main(["--ckpt", str(text_only_ckpt), "--modality", "text", "--out", out, "--prompt", str(long)]) == 2
+    assert "fills the model's window" in capsys.readouterr().err
+    assert main(["--ckpt", str(tmp_path / "nothing"), "--modality", "text", "--out", out]) == 2
+    assert "no model.safetensors" in capsys.readouterr().err
+
+
+def test_bench_sample_compares_cached_with_uncached(tmp_path, capsys):
+    """`polybyte bench --what sample`: a preset and a YAML config (BLT with entropy patching)."""
+    import json
+
+    from polybyte.pipelines.bench import main as bench
+
+    config = tmp_path / "blt.yaml"
+    config.write_text(
+        "model:\n  model:\n    backbone: blt\n    max_seq_len: 64\n"
+        "    patcher: {kind: entropy, patch_size: 3, max_patch_len: 8}\n"
+        "    hash_ngrams: {table_size: 97}\n"
+        "    encoder: {dim: 32, n_layers: 1, n_heads: 2, window: 8}\n"
+        "    latent: {dim: 32, n_layers: 1, n_heads: 2}\n"
+        "    decoder: {dim: 32, n_layers: 1, n_heads: 2, window: 8}\n"
+        "    entropy_model: {dim: 32, n_layers: 1, n_heads: 2, window: 8, max_seq_len: 64}\n"
+    )
+    report = tmp_path / "bench.json"
+    assert bench(["--what", "sample", "--model", "megabyte:tiny", str(config), "--sample-bytes", "96",
+                  "--uncached-bytes", "48", "--sample-batch-size", "2", "--json", str(report)]) == 0  # fmt: skip
+    results = json.loads(report.read_text())
+    assert [r["backbone"] for r in results] == ["megabyte", "blt"]
+    assert all(r["cached_bytes_per_s"] > 0 and r["uncached_bytes_per_s"] > 0 for r in results)
+    assert "ratio" in capsys.readouterr().out
+    assert bench(["--what", "sample", "--model", "nonsense:x"]) == 2
