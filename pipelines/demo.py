@@ -16,7 +16,6 @@ import os
 import shutil
 import sys
 import time
-from importlib import resources
 from pathlib import Path
 
 import yaml
@@ -71,8 +70,16 @@ def ensure_demo_shards(cache_dir: str | Path | None = None, quiet: bool = False)
 
 
 def debug_config() -> dict:
-    text = resources.files("polybyte.configs").joinpath("debug.yaml").read_text()
-    return yaml.safe_load(text)
+    """configs/debug.yaml as shipped with the package."""
+    import polybyte.configs
+
+    # `polybyte.configs` is a namespace package (YAML only): importlib.resources.files() fails on
+    # an editable install, whose namespace path also holds a non-folder path-hook entry.
+    for folder in polybyte.configs.__path__:
+        path = Path(folder) / "debug.yaml"
+        if path.is_file():
+            return yaml.safe_load(path.read_text())
+    raise FileNotFoundError(f"debug.yaml not found in {list(polybyte.configs.__path__)}; reinstall polybyte")
 
 
 def demo_config(out: Path, steps: int, minutes: float, shards: dict[str, Path]) -> Path:
@@ -82,7 +89,7 @@ def demo_config(out: Path, steps: int, minutes: float, shards: dict[str, Path]) 
     trainer = cfg["trainer"]
     trainer["default_root_dir"] = str(run)
     trainer["max_steps"] = steps
-    trainer["max_time"] = {"minutes": minutes}
+    trainer["max_time"] = {"seconds": max(1, round(minutes * 60))}  # Trainer takes int fields only
     trainer["val_check_interval"] = max(1, steps // 4)
     for logger in trainer["logger"]:
         logger["init_args"]["save_dir"] = str(run)
@@ -105,7 +112,9 @@ def run_demo(out: Path, steps: int, minutes: float, samples: int) -> int:
     print(f"\ndemo: training the debug config ({config}) for up to {steps} steps / {minutes:g} min", flush=True)
     from .lit import main as lit_main
 
-    lit_main(["fit", "--config", str(config)])
+    rc = lit_main(["fit", "--config", str(config)])
+    if rc:  # the error is already printed
+        return rc
     ckpt = out / "run" / "checkpoints" / "last"
 
     print("\ndemo: evaluating bits per byte on the val split, with codecs", flush=True)
@@ -122,7 +131,10 @@ def run_demo(out: Path, steps: int, minutes: float, samples: int) -> int:
         print("\ndemo: sampling", flush=True)
         for modality, num, extra in (("image", samples, []), ("audio", 2, []), ("text", 2, ["--max-bytes", "400"])):
             folder = out / "samples" / modality
-            sample_main(["--ckpt", str(ckpt), "--modality", modality, "--num", str(num), "--out", str(folder), *extra])
+            args = ["--ckpt", str(ckpt), "--modality", modality, "--num", str(num), "--out", str(folder), *extra]
+            if sample_main(args):
+                print(f"demo: sampling {modality} failed (see the error above); going on", flush=True)
+                continue
             sample_dirs[modality] = folder
 
     report = json.loads((out / "eval" / "report.json").read_text())

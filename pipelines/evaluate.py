@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from polybyte.modalities import EOS, NUM_BYTES, PAD, TAGS
+from polybyte.modalities import NUM_BYTES, PAD, TAGS
 
 from .data import BPBMeter, SkipCounter, Source, _payloads, resolve_sources, sample_stream, stream_windows
 from .export import load_exported
@@ -88,8 +88,12 @@ def evaluate(
     """Score the val samples of each ``modality=DIR`` source; write the report files."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, info = load_exported(ckpt, device)
-    seq_len = int(seq_len or info.get("seq_len") or model.config.max_seq_len)
-    stride = int(stride or seq_len)
+    if seq_len is None:
+        seq_len = info.get("seq_len") or model.config.max_seq_len
+    seq_len = int(seq_len)
+    stride = seq_len if stride is None else int(stride)
+    if seq_len < 2:
+        raise ValueError(f"--seq-len must be at least 2 (a byte and EOS), got {seq_len}")
     if not 0 < stride <= seq_len:
         raise ValueError(f"--stride must be in 1..seq_len={seq_len}, got {stride}")
     trained = info.get("modalities", {})
@@ -129,7 +133,7 @@ def evaluate(
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(markdown_report(report))
     plot_bpb(report, out / "bpb.png")
-    if hasattr(model, "patch_trace"):
+    if model.backbone == "blt":
         text = next((s for s in sources if s.modality == "text"), None)
         if text is not None:
             plot_patches(model, val_payloads(text)[0][:160], out / "patches.png", device)
@@ -182,20 +186,26 @@ def plot_bpb(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+@torch.no_grad()
 def plot_patches(model, text: bytes, path: Path, device) -> None:
-    """Per-byte entropy (from the BLT's entropy model, if any) with patch starts marked."""
+    """A BLT's patch starts over a text excerpt, with the per-byte entropy of its entropy model
+    (when it has one) that entropy patching thresholds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ids = torch.tensor([list(text)], device=device)
-    trace = model.patch_trace(ids, torch.tensor([TAGS["text"]], device=device))
-    starts = trace["starts"][0].cpu().numpy()
-    entropy = trace.get("entropies")
+    from polybyte.models.entropy import compute_entropies
+    from polybyte.models.patching import patch_ids_to_starts
+
+    ids = torch.tensor([list(text)], device=device)  # [1, T]
+    modality = torch.tensor([TAGS["text"]], device=device)
+    _, patch_ids = model.patch(ids, modality)
+    starts = patch_ids_to_starts(patch_ids)[0].cpu().numpy()
     fig, ax = plt.subplots(figsize=(min(24, 0.16 * len(text) + 2), 3.2))
-    if entropy is not None:
-        ax.plot(entropy[0].float().cpu().numpy(), color="C0", lw=1)
+    if model.entropy_model is not None:
+        entropy = compute_entropies(model.entropy_model, ids, modality)[0]
+        ax.plot(entropy.float().cpu().numpy(), color="C0", lw=1)
         ax.set_ylabel("entropy (nats)")
     for x in np.flatnonzero(starts):
         ax.axvline(x - 0.5, color="C3", lw=0.6, alpha=0.6)

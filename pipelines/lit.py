@@ -8,6 +8,7 @@ and `polybyte sample` load — no Lightning state, no pickles.
 from __future__ import annotations
 
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from polybyte.modalities import TAG_NAMES
-from polybyte.models import ByteLM, build_model
+from polybyte.models import ByteLM, build_model, config_to_dict
 from polybyte.models.base import nll_loss
 
 from .data import BPBMeter, ByteDataModule
@@ -75,7 +76,8 @@ class ByteLMModule(L.LightningModule):
         self.model: ByteLM = build_model(dict(model))
         if entropy_model:
             self._load_entropy_model(entropy_model)
-        self.bpb_meter = BPBMeter()
+        self.bpb_meter = BPBMeter()  # validation: bits and bytes per modality over the val set
+        self.train_meter = BPBMeter()  # training: since the last logging step
         self._t_last: float | None = None
         self._compiled = None
 
@@ -84,7 +86,14 @@ class ByteLMModule(L.LightningModule):
         target = getattr(self.model, "entropy_model", None)
         if target is None:
             raise ValueError(f"entropy_model={path!r} given but backbone {self.model.backbone!r} has none")
-        loaded, _ = load_exported(path)
+        loaded, info = load_exported(path)
+        # max_seq_len only sizes caches and FLOP counts; any other difference changes the weights
+        want = {k: v for k, v in config_to_dict(target.config).items() if k != "max_seq_len"}
+        have = {k: v for k, v in info["model"].items() if k != "max_seq_len"}
+        if want != have:
+            differ = ", ".join(f"{k}: config {want.get(k)!r} vs file {have.get(k)!r}"
+                               for k in sorted(want.keys() | have.keys()) if want.get(k) != have.get(k))  # fmt: skip
+            raise ValueError(f"entropy model at {path} does not match model.model.entropy_model ({differ})")
         missing, unexpected = target.load_state_dict(loaded.state_dict(), strict=False)
         if missing or unexpected:
             raise ValueError(f"entropy model at {path} does not fit: missing {missing}, unexpected {unexpected}")
@@ -93,6 +102,17 @@ class ByteLMModule(L.LightningModule):
     @property
     def net(self):
         return self._compiled if self._compiled is not None else self.model
+
+    def setup(self, stage: str) -> None:
+        """Refuse a data window the backbone cannot take before any step, naming the config keys."""
+        seq_len = getattr(getattr(self.trainer, "datamodule", None), "seq_len", None)
+        patch = getattr(self.model.config, "patch_size", None)  # fixed patches (MEGABYTE)
+        if isinstance(seq_len, int) and isinstance(patch, int) and seq_len % patch:
+            fit = -(-seq_len // patch) * patch
+            raise ValueError(
+                f"data.seq_len {seq_len} is not a multiple of model.model.patch_size {patch}; "
+                f"set data.seq_len and model.model.max_seq_len to {fit} (or another multiple of {patch})"
+            )
 
     def configure_model(self) -> None:
         if self.hparams.compile and self._compiled is None:
@@ -111,8 +131,7 @@ class ByteLMModule(L.LightningModule):
         ids, modality, loss, nll = self._step(batch)
         B, T = ids.shape
         self.log("train/loss", loss, prog_bar=True)
-        for tag, bpb in BPBMeter.batch_bpb(nll.detach(), ids, modality).items():
-            self.log(f"train/bpb_{TAG_NAMES[tag]}", bpb)
+        self._log_train_bpb(nll.detach(), ids, modality)
         now = time.perf_counter()
         if self._t_last is not None:
             dt = now - self._t_last
@@ -136,6 +155,20 @@ class ByteLMModule(L.LightningModule):
             self.log("data/skipped", float(skipped))
         return loss
 
+    def _log_train_bpb(self, nll: torch.Tensor, ids: torch.Tensor, modality: torch.Tensor) -> None:
+        """``train/bpb_<modality>`` pooled over the batches since the last logging step, for the
+        modalities they held. Written to the loggers directly: through ``self.log`` a modality
+        missing from a batch would be logged again with its last value (Lightning re-logs every
+        key it has seen this epoch at each step)."""
+        self.train_meter.update(nll, ids, modality)
+        step = self.global_step
+        if (step + 1) % max(1, self.trainer.log_every_n_steps) and not self.trainer.should_stop:
+            return
+        values = {f"train/bpb_{name}": bpb for name, bpb in self.train_meter.compute().items()}
+        self.train_meter = BPBMeter()
+        for logger in self.loggers:
+            logger.log_metrics(values, step=step)
+
     def _skipped(self):
         dm = getattr(self.trainer, "datamodule", None)
         return getattr(dm, "skipped", None) if dm is not None else None
@@ -143,6 +176,7 @@ class ByteLMModule(L.LightningModule):
     # --- validation ---------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
         self.bpb_meter = BPBMeter()
+        self._t_last = None  # time spent validating is not training throughput
 
     def validation_step(self, batch, batch_idx):
         ids, modality, loss, nll = self._step(batch)
@@ -194,17 +228,56 @@ class ExportCheckpoint(ModelCheckpoint):
             extra = {"step": trainer.global_step, "seq_len": getattr(dm, "seq_len", None)}
             save_exported(Path(filepath).with_suffix(""), module.model, modalities, extra)
 
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Save ``last`` at the final step too when training stops between periodic checkpoints
+        (``max_time``, a step count that is no multiple of ``every_n_train_steps``): Lightning only
+        does when nothing was saved at all."""
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        super().on_train_end(trainer, pl_module)
+
+    def _remove_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        """Drop the export folder with its ``.ckpt`` (``save_top_k`` rotation), never a stale copy."""
+        super()._remove_checkpoint(trainer, filepath)
+        if trainer.is_global_zero:
+            shutil.rmtree(Path(filepath).with_suffix(""), ignore_errors=True)
+
+
+class PolybyteCLI(LightningCLI):
+    """LightningCLI whose ``validate`` scores every val sample, as ``polybyte eval`` does: a
+    config's ``limit_val_batches`` only shortens the checks during ``fit``, unless
+    ``--trainer.limit_val_batches`` is given on the command line."""
+
+    def __init__(self, *args, limit_validate: bool = False, **kwargs) -> None:
+        self.limit_validate = limit_validate  # set before super().__init__ runs the subcommand
+        super().__init__(*args, **kwargs)
+
+    def before_validate(self) -> None:
+        if not self.limit_validate:
+            self.trainer.limit_val_batches = 1.0
+
 
 def main(argv: list[str] | None = None) -> int:
-    """``argv`` starts with the subcommand (fit / validate); None reads ``sys.argv``."""
+    """``argv`` starts with the subcommand (fit / validate); None reads ``sys.argv``.
+
+    A bad setting (ValueError, e.g. a seq_len the backbone or the data cannot use) or a missing
+    file is reported as one line ``polybyte CMD: error: ...`` with exit status 2.
+    """
     torch.set_float32_matmul_precision("high")
+    args = sys.argv[1:] if argv is None else list(argv)
+    command = args[:1] or ["fit"]
     if argv is not None:
         sys.argv = sys.argv[:1]  # LightningCLI warns when args= and sys.argv both carry arguments
-    LightningCLI(
-        ByteLMModule,
-        ByteDataModule,
-        args=argv,
-        save_config_kwargs={"overwrite": True},
-        trainer_defaults={"precision": "bf16-mixed" if torch.cuda.is_available() else "32-true"},
-    )
+    try:
+        PolybyteCLI(
+            ByteLMModule,
+            ByteDataModule,
+            args=argv,
+            limit_validate=any(a.startswith("--trainer.limit_val_batches") for a in args),
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults={"precision": "bf16-mixed" if torch.cuda.is_available() else "32-true"},
+        )
+    except (ValueError, FileNotFoundError) as e:
+        print(f"polybyte {command[0]}: error: {e}", file=sys.stderr)
+        return 2
     return 0
