@@ -118,7 +118,7 @@ class MegabyteState:
     global_caches: list[KVCache]  # one per global layer, ceil(max_len / P) patches
     local_caches: list[KVCache]  # one per local layer, r + P bytes; reset every patch
     patch_bytes: torch.Tensor  # [B, P] ids of the patch being decoded (global input of the next)
-    local_cond: torch.Tensor | None  # [B, P, D_L] projected global output for the current patch
+    local_cond: torch.Tensor  # [B, P, D_L] projected global output for the current patch (updated in place)
     layer_inputs: torch.Tensor | None  # [L_local, B, P, D_L] local layer inputs (cross-patch only)
 
 
@@ -320,7 +320,7 @@ class Megabyte(ByteLM):
             global_caches=caches(self.global_blocks, -(-max_len // P)),
             local_caches=caches(self.local_blocks, r + P),
             patch_bytes=torch.full((B, P), c.pad_id, dtype=torch.long, device=dev),
-            local_cond=None,
+            local_cond=torch.zeros(B, P, c.local_dim, device=dev, dtype=dtype),
             layer_inputs=layer_inputs,
         )
 
@@ -330,7 +330,7 @@ class Megabyte(ByteLM):
         ``state.pos - 1`` (None exactly when ``state.pos == 0``); advances ``state.pos`` by one.
         At a patch boundary the global decoder runs once for the new patch."""
         c = self.config
-        P, r, t = c.patch_size, c.cross_patch_r, state.pos
+        P, t = c.patch_size, state.pos
         if (prev is None) != (t == 0):
             want = "None" if t == 0 else "the bytes at position t-1, [B]"
             raise ValueError(f"step at position t={t}: prev must be {want}")
@@ -340,7 +340,15 @@ class Megabyte(ByteLM):
         if prev is not None:
             state.patch_bytes[:, (t - 1) % P] = prev
         if j == 0:
-            self._start_patch(state, t // P)
+            self.start_patch(state, t // P)
+        state.pos = t + 1
+        return self.local_step(state, j, prev)
+
+    def local_step(self, state: MegabyteState, j: int, prev: torch.Tensor | None) -> torch.Tensor:
+        """The local decoder's step at in-patch position j: logits [B, V]. Reads only tensors
+        that live in ``state`` (fixed addresses, fixed shapes for a given j), so a CUDA graph
+        captured once per j can replay it (see models/generate.py)."""
+        r = self.config.cross_patch_r
         cond = state.local_cond[:, j : j + 1]  # [B, 1, D_L]
         emb = self.pad_byte.expand_as(cond) if j == 0 else self.local_embed(prev)[:, None]
         x = (emb + cond).to(cond.dtype)  # [B, 1, D_L]
@@ -349,17 +357,16 @@ class Megabyte(ByteLM):
             if r:
                 state.layer_inputs[i, :, j] = x[:, 0]
             x = blk(x, positions=pos, causal=False, cache=state.local_caches[i])
-        state.pos = t + 1
         return self.head(self.local_norm(x))[:, 0]
 
-    def _start_patch(self, state: MegabyteState, k: int) -> None:
+    def start_patch(self, state: MegabyteState, k: int) -> None:
         """Run the global decoder for patch k (its input is patch k-1) and reset the local caches."""
         if k == 0:
             tag = state.modality - self.config.first_tag_id  # checked by new_state
             x = self.pad_patch[tag][:, None]  # [B, 1, P*D_G]
         else:
             x = self._embed_patches(state.patch_bytes, (k - 1) * self.config.patch_size)
-        state.local_cond = self._run_global(x, k, state.global_caches)[:, 0]  # [B, P, D_L]
+        state.local_cond.copy_(self._run_global(x, k, state.global_caches)[:, 0])  # [B, P, D_L]
         self._reset_local(state, k)
 
     def _reset_local(self, state: MegabyteState, k: int) -> None:

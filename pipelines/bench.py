@@ -214,8 +214,6 @@ def bench_sample(spec: str, modality: str = "image", batch_size: int = 16, max_b
     with BLT entropy patching get a threshold calibrated to the preset's mean patch length.
     """
     from polybyte.modalities import TAGS
-    from polybyte.models import patching
-    from polybyte.models.entropy import compute_entropies
     from polybyte.models.generate import generate
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -228,20 +226,16 @@ def bench_sample(spec: str, modality: str = "image", batch_size: int = 16, max_b
     uncached_bytes = min(uncached_bytes, max_bytes)
     patcher = getattr(model.config, "patcher", None)
     if random_weights and patcher is not None and patcher.needs_entropies:
-        g = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, NUM_BYTES, (4, 1024), generator=g).to(device)
-        from polybyte.models.entropy import compute_entropies
+        ids = torch.randint(0, NUM_BYTES, (4, 1024), generator=torch.Generator().manual_seed(0)).to(device)
+        model.calibrate_threshold(ids, torch.full((4,), tag, device=device))
 
-        entropies = compute_entropies(model.entropy_model, ids, torch.full((4,), tag, device=device))
-        theta = patching.find_threshold(entropies, None, ids, patcher)
-        model.config.patcher = dataclasses.replace(patcher, threshold=theta)
-
-    def timed(n: int, use_cache: bool) -> float:
+    def timed(n: int, use_cache: bool, graphs: bool = True) -> float:
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            generate(model, tag, None, n, num=batch_size, seed=0, stop_at_eos=False, use_cache=use_cache)
+            generate(model, tag, None, n, num=batch_size, seed=0, stop_at_eos=False, use_cache=use_cache,
+                     cuda_graphs=graphs)  # fmt: skip
         if cuda:
             torch.cuda.synchronize()
         return time.perf_counter() - start
@@ -252,12 +246,14 @@ def bench_sample(spec: str, modality: str = "image", batch_size: int = 16, max_b
     cached_s = timed(max_bytes, True)
     cached_short_s = timed(uncached_bytes, True)
     uncached_s = timed(uncached_bytes, False)
+    eager_short_s = timed(uncached_bytes, True, graphs=False)  # caches, but no CUDA graphs
     return {
         "model": spec, "backbone": model.backbone, "params": model.num_params(), "device": str(device),
         "bf16": bf16, "batch_size": batch_size, "bytes": max_bytes, "uncached_bytes": uncached_bytes,
         "cached_s": cached_s, "cached_bytes_per_s": batch_size * max_bytes / cached_s,
         "cached_short_bytes_per_s": batch_size * uncached_bytes / cached_short_s,
         "uncached_bytes_per_s": batch_size * uncached_bytes / uncached_s,
+        "cached_eager_short_bytes_per_s": batch_size * uncached_bytes / eager_short_s,
     }  # fmt: skip
 
 
@@ -267,11 +263,12 @@ def print_sample(results: list[dict]) -> None:
     print(f"sampling on {device} ({'bf16 autocast' if r0['bf16'] else 'fp32'}), batch {r0['batch_size']}; "
           f"uncached = full forward over the prefix per byte, timed over the first {r0['uncached_bytes']} bytes:")
     print(f"{'model':<30} {'params':>8} {'bytes':>6} {'seconds':>8} {'cached B/s':>11} "
-          f"{'short: cached':>13} {'uncached':>9} {'ratio':>7}")
+          f"{'short: cached':>13} {'no graphs':>10} {'uncached':>9} {'ratio':>7}")
     for r in results:
         ratio = r["cached_short_bytes_per_s"] / r["uncached_bytes_per_s"]
         print(f"{Path(r['model']).name:<30} {r['params'] / 1e6:>7.1f}M {r['bytes']:>6} {r['cached_s']:>8.2f} "
               f"{r['cached_bytes_per_s']:>11,.0f} {r['cached_short_bytes_per_s']:>13,.0f} "
+              f"{r['cached_eager_short_bytes_per_s']:>10,.0f} "
               f"{r['uncached_bytes_per_s']:>9,.0f} {ratio:>6.1f}x")  # fmt: skip
 
 

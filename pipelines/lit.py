@@ -201,8 +201,8 @@ class ByteLMModule(L.LightningModule):
             if p.requires_grad:
                 (keep if no_decay(name, p, module_types) else decay).append(p)
         groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": keep, "weight_decay": 0.0}]
-        fused = torch.cuda.is_available()
-        opt = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), fused=fused)
+        # foreach, not fused: Lightning's mixed-precision plugin refuses to clip a fused optimizer's gradients
+        opt = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), foreach=True)
         total = hp.max_steps if hp.max_steps > 0 else max(int(self.trainer.max_steps), 1)
         warm = max(int(hp.warmup_steps), 0)
 

@@ -188,3 +188,20 @@ def test_megabyte_samples_a_64x64_image_on_cpu():
     print(f"MEGABYTE tiny: 2 x 12,288 bytes in {seconds:.1f} s ({2 * 12288 / seconds:,.0f} bytes/s)")
     assert [len(r) for r in out] == [12288, 12288]
     assert all(0 <= b < 256 for r in out for b in r)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cross_patch_r", [0, 2])
+def test_megabyte_cuda_graphs_equal_eager_decoding(cross_patch_r):
+    from polybyte.models.generate import generate
+    from polybyte.models.megabyte import MegabyteConfig
+
+    torch.manual_seed(0)
+    model = Megabyte(MegabyteConfig(patch_size=4, max_seq_len=64, cross_patch_r=cross_patch_r)).cuda().eval()
+    prompts = [bytes(range(5)), b"ab", b""]
+    kwargs = dict(max_bytes=40, temperature=0, stop_at_eos=False)
+    eager = generate(model, 259, prompts, cuda_graphs=False, **kwargs)
+    graphed = generate(model, 259, prompts, cuda_graphs=True, **kwargs)
+    assert graphed == eager
+    sampled = [generate(model, 259, prompts, max_bytes=40, seed=3, cuda_graphs=g) for g in (False, True)]
+    assert sampled[0] == sampled[1]
