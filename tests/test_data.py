@@ -251,5 +251,5 @@ def test_bench_data_reports_throughput_on_synthetic_data(capsys):
     assert bench.main(["--what", "data", "--batches", "3", "--workers", "0", "--shuffle-buffer", "4"]) == 0
     out = capsys.readouterr().out
     assert "bytes/s" in out and "samples/s" in out and "skipped 0" in out
-    assert bench.main(["--what", "train"]) == 2
-    assert "not implemented yet" in capsys.readouterr().err
+    assert bench.main(["--what", "train", "--model", "no/such/config.yaml"]) == 2
+    assert "config not found: no/such/config.yaml" in capsys.readouterr().err

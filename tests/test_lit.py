@@ -351,3 +351,18 @@ def test_export_checkpoint_rotation_and_final_last(tmp_path):
     assert names == ["epoch=0-step=4", "epoch=0-step=4.ckpt", "last", "last.ckpt"]
     assert json.loads((tmp_path / "ck" / "last" / "config.json").read_text())["step"] == 5
     assert torch.load(tmp_path / "ck" / "last.ckpt", weights_only=False)["global_step"] == 5
+
+
+def test_bench_train_times_steps_of_a_config(capsys, tmp_path):
+    from polybyte.pipelines import bench
+
+    out_json = tmp_path / "train.json"
+    argv = ["--what", "train", "--model", str(REPO / "configs" / "debug.yaml"), "--steps", "2", "--warmup", "1",
+            "--train-batch-size", "1", "--json", str(out_json)]  # fmt: skip
+    assert bench.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "debug.yaml" in out and "1.00x" in out
+    import json
+
+    (result,) = json.loads(out_json.read_text())
+    assert result["backbone"] == "megabyte" and result["bytes_per_s"] > 0 and result["seq_len"] == 3084
