@@ -54,6 +54,7 @@ from .base import ByteLM, ByteLMConfig, _dataclass_from_dict, register_backbone
 from .entropy import compute_entropies, step_entropies
 from .flops import TRAIN_FACTOR, attention_flops, attention_pairs, linear_flops
 from .layers import (
+    init_residual_projections,
     Attention,
     AttentionMask,
     Block,
@@ -431,9 +432,7 @@ class BLT(ByteLM):
             (self.latent_blocks, [], c.latent.n_layers),
             (self.dec_blocks, self.dec_cross, c.decoder.n_layers),
         ):
-            for b in blocks:
-                for w in (b.attn.wo.weight, b.mlp.w2.weight):
-                    nn.init.normal_(w, std=std / math.sqrt(2 * depth))
+            init_residual_projections(blocks, std, depth)
             for x in cross:
                 nn.init.normal_(x.attn.wo.weight, std=std / math.sqrt(2 * depth))
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Callable
 
 import torch
@@ -437,3 +438,11 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, **attn_kwargs) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), **attn_kwargs)
         return x + self.mlp(self.mlp_norm(x))
+
+
+def init_residual_projections(blocks, std: float, depth: int) -> None:
+    """GPT-2 init of the projections that write into the residual stream (attention ``wo``,
+    MLP ``w2``): std / sqrt(2·depth), so the stream's variance stays flat over ``depth`` blocks."""
+    for b in blocks:
+        for w in (b.attn.wo.weight, b.mlp.w2.weight):
+            nn.init.normal_(w, std=std / math.sqrt(2 * depth))

@@ -26,14 +26,13 @@ when cross-patch attention is on). Logits equal the full forward's (tested to 1e
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 from torch import nn
 
 from . import flops
 from .base import ByteLM, ByteLMConfig, register_backbone
-from .layers import Block, KVCache, RMSNorm, RoPE, prepare_mask
+from .layers import Block, KVCache, RMSNorm, RoPE, init_residual_projections, prepare_mask
 
 
 @dataclasses.dataclass
@@ -158,9 +157,7 @@ class Megabyte(ByteLM):
         nn.init.normal_(self.pad_patch, std=std)
         nn.init.normal_(self.pad_byte, std=std)
         for blocks in (self.global_blocks, self.local_blocks):
-            for blk in blocks:
-                for w in (blk.attn.wo.weight, blk.mlp.w2.weight):
-                    nn.init.normal_(w, std=std / math.sqrt(2 * len(blocks)))
+            init_residual_projections(blocks, std, len(blocks))
 
     # --- shared pieces ------------------------------------------------------------------------
     def _tag_index(self, modality: torch.Tensor, B: int) -> torch.Tensor:
@@ -256,7 +253,7 @@ class Megabyte(ByteLM):
     def _forward(self, ids, modality, global_caches=None, keep_inputs=False):
         B, T = ids.shape
         self._check_len(T)
-        P, K = self.config.patch_size, T // self.config.patch_size
+        K = T // self.config.patch_size
         tag = self._tag_index(modality, B)
         patches = self._embed_patches(ids, 0)  # [B, K, P*D_G]
         pad = self.pad_patch[tag][:, None].to(patches.dtype)  # [B, 1, P*D_G]

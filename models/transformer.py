@@ -21,7 +21,6 @@ Every logit equals the full forward's at the same position.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 from torch import nn
@@ -29,6 +28,7 @@ from torch import nn
 from .base import ByteLM, ByteLMConfig, register_backbone
 from .flops import attention_flops, attention_pairs, linear_flops, training_flops
 from .layers import (
+    init_residual_projections,
     AttentionMask,
     Block,
     KVCache,
@@ -120,9 +120,7 @@ class Transformer(ByteLM):
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, std=std)
         # residual branches add up over 2·n_layers projections: keep the stream's variance flat
-        for b in self.blocks:
-            for w in (b.attn.wo.weight, b.mlp.w2.weight):
-                nn.init.normal_(w, std=std / math.sqrt(2 * self.config.n_layers))
+        init_residual_projections(self.blocks, std, self.config.n_layers)
 
     # --- full forward -------------------------------------------------------------------------
     def inputs(self, ids: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:

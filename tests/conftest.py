@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from polybyte.pipelines.demo import ensure_demo_shards
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
@@ -30,3 +32,12 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def shakespeare(shared_data) -> bytes:
     return (shared_data / "text" / "tinyshakespeare.txt").read_bytes()
+
+
+@pytest.fixture(scope="session")
+def demo_shards(tmp_path_factory):
+    """The demo shards, built once per session into a temporary cache (never ~/.cache)."""
+    cache = tmp_path_factory.getbasetemp() / "polybyte-cache"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("POLYBYTE_CACHE", str(cache))
+        yield ensure_demo_shards(quiet=True)

@@ -19,22 +19,12 @@ from polybyte.modalities import TAGS
 from polybyte.models import build_model
 from polybyte.models.transformer import TransformerConfig
 from polybyte.pipelines.data import ByteDataModule
-from polybyte.pipelines.demo import ensure_demo_shards
 from polybyte.pipelines.export import save_exported
 from polybyte.pipelines.lit import ByteLMModule
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))  # whatever ships, new files included
 IMAGE_SIZE_DEFAULT = 64  # the image adapter's default size (DESIGN.md §3)
-
-
-@pytest.fixture(scope="session")
-def demo_shards(tmp_path_factory):
-    """The demo shards, built once per session into a temporary cache (never ~/.cache)."""
-    cache = tmp_path_factory.getbasetemp() / "polybyte-cache"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("POLYBYTE_CACHE", str(cache))
-        yield ensure_demo_shards(quiet=True)
 
 
 def test_configs_found():

@@ -23,15 +23,6 @@ REPO = Path(__file__).resolve().parents[1]
 HAS_SAMPLING = (REPO / "pipelines" / "sample.py").is_file()
 
 
-@pytest.fixture(scope="session")
-def demo_shards(tmp_path_factory):
-    """The demo shards, built once per session into a temporary cache (never ~/.cache)."""
-    cache = tmp_path_factory.getbasetemp() / "polybyte-cache"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("POLYBYTE_CACHE", str(cache))
-        yield ensure_demo_shards(quiet=True)
-
-
 def test_demo_shards_built_once_and_reused(demo_shards, capsys):
     ready = next(iter(demo_shards.values())).parents[1] / "ready.json"
     before = ready.stat().st_mtime_ns

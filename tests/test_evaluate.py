@@ -24,22 +24,12 @@ from polybyte.models import build_model
 from polybyte.models.blt import blt_preset
 from polybyte.pipelines import cli
 from polybyte.pipelines.data import resolve_sources
-from polybyte.pipelines.demo import ensure_demo_shards
 from polybyte.pipelines.evaluate import evaluate
 from polybyte.pipelines.export import load_exported, save_exported
 
 REPO = Path(__file__).resolve().parents[1]
 SEQ_LEN = 3084  # debug.yaml: a 32x32 image + EOS, rounded up to a multiple of 12
 MAX_SAMPLES = 2  # val samples scored per source (text docs are up to 8 KiB, audio clips ~11 KiB)
-
-
-@pytest.fixture(scope="session")
-def demo_shards(tmp_path_factory):
-    """The demo shards, built once per session into a temporary cache (never ~/.cache)."""
-    cache = tmp_path_factory.getbasetemp() / "polybyte-cache"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("POLYBYTE_CACHE", str(cache))
-        yield ensure_demo_shards(quiet=True)
 
 
 @pytest.fixture(scope="module")

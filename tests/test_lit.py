@@ -23,7 +23,7 @@ import lightning as L
 from lightning.pytorch.loggers import CSVLogger
 from polybyte.modalities import EOS, IMAGE, NUM_BYTES, PAD, TEXT
 from polybyte.pipelines import cli, lit
-from polybyte.pipelines.demo import DEMO_SETTINGS, ensure_demo_shards
+from polybyte.pipelines.demo import DEMO_SETTINGS
 from polybyte.pipelines.evaluate import evaluate
 from polybyte.pipelines.export import load_exported
 
@@ -31,15 +31,6 @@ REPO = Path(__file__).resolve().parents[1]
 DEBUG_YAML = REPO / "configs" / "debug.yaml"
 STEPS = 30  # long enough for the text loss to fall clearly (tiny MEGABYTE, lr 3e-3)
 VAL_SAMPLES = {"text": 2, "image": 3, "audio": 2}  # per modality in the small val set
-
-
-@pytest.fixture(scope="session")
-def demo_shards(tmp_path_factory):
-    """The demo shards, built once per session into a temporary cache (never ~/.cache)."""
-    cache = tmp_path_factory.getbasetemp() / "polybyte-cache"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("POLYBYTE_CACHE", str(cache))
-        yield ensure_demo_shards(quiet=True)
 
 
 def head_shards(shards: dict[str, Path], out: Path, counts: dict[str, int]) -> dict[str, Path]:
