@@ -20,11 +20,18 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 
 
-def save_exported(out_dir, model: ByteLM, modalities: dict[str, dict], extra: dict[str, Any] | None = None) -> Path:
+def save_exported(
+    out_dir,
+    model: ByteLM,
+    modalities: dict[str, dict],
+    extra: dict[str, Any] | None = None,
+    state: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write ``model``'s weights (or ``state``, e.g. gathered from FSDP shards) and config."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # safetensors refuses shared storage (tied weights): save each tensor contiguous on its own.
-    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in (state or model.state_dict()).items()}
     save_file(state, str(out / WEIGHTS))
     info = {"model": config_to_dict(model.config), "modalities": modalities, **(extra or {})}
     (out / CONFIG).write_text(json.dumps(info, indent=2, sort_keys=True))

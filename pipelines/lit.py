@@ -8,6 +8,7 @@ and `polybyte sample` load — no Lightning state, no pickles.
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import sys
 import time
@@ -116,7 +117,8 @@ class ByteLMModule(L.LightningModule):
 
     def configure_model(self) -> None:
         if self.hparams.compile and self._compiled is None:
-            self._compiled = torch.compile(self.model)
+            # kept out of the module tree: a registered copy would store every weight twice
+            self.__dict__["_compiled"] = torch.compile(self.model)
 
     def forward(self, ids: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
         return self.net(ids, modality)
@@ -221,12 +223,15 @@ class ExportCheckpoint(ModelCheckpoint):
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         super()._save_checkpoint(trainer, filepath)
+        # Every rank takes part: under FSDP this gathers the full, unsharded weights.
+        full = trainer.strategy.lightning_module_state_dict()
         if trainer.is_global_zero:
             module: ByteLMModule = trainer.lightning_module
+            state = {k.removeprefix("model."): v for k, v in full.items() if k.startswith("model.")}
             dm = getattr(trainer, "datamodule", None)
             modalities = dm.modality_settings() if dm is not None and hasattr(dm, "modality_settings") else {}
             extra = {"step": trainer.global_step, "seq_len": getattr(dm, "seq_len", None)}
-            save_exported(Path(filepath).with_suffix(""), module.model, modalities, extra)
+            save_exported(Path(filepath).with_suffix(""), module.model, modalities, extra, state=state)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Save ``last`` at the final step too when training stops between periodic checkpoints
@@ -257,12 +262,19 @@ class PolybyteCLI(LightningCLI):
             self.trainer.limit_val_batches = 1.0
 
 
+# NVLink multicast (NVLS) stays off in NCCL, PyTorch and NVSHMEM: on shared multi-GPU hosts it can
+# take the GPUs out of service. Set before any process group exists; a user's own setting wins.
+MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
 def main(argv: list[str] | None = None) -> int:
     """``argv`` starts with the subcommand (fit / validate); None reads ``sys.argv``.
 
     A bad setting (ValueError, e.g. a seq_len the backbone or the data cannot use) or a missing
     file is reported as one line ``polybyte CMD: error: ...`` with exit status 2.
     """
+    for key, value in MULTICAST_OFF.items():
+        os.environ.setdefault(key, value)
     torch.set_float32_matmul_precision("high")
     args = sys.argv[1:] if argv is None else list(argv)
     command = args[:1] or ["fit"]
