@@ -156,8 +156,8 @@ def run_demo(out: Path, steps: int, minutes: float, samples: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="polybyte demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="polybyte-demo", help="output folder (default: ./polybyte-demo)")
-    p.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
-    p.add_argument("--minutes", type=float, default=4.0, help="training time cap in minutes (default 4)")
+    p.add_argument("--steps", type=int, default=1200, help="training steps (default 1200)")
+    p.add_argument("--minutes", type=float, default=3.5, help="training time cap in minutes (default 3.5)")
     p.add_argument("--samples", type=int, default=8, help="images to sample (default 8)")
     args = p.parse_args(argv)
     if args.steps < 1 or args.minutes <= 0:
