@@ -211,13 +211,6 @@ class BPBMeter:
             if float(self.count[i]) > 0
         }
 
-    @staticmethod
-    def batch_bpb(nll: torch.Tensor, ids: torch.Tensor, modality: torch.Tensor) -> dict[int, torch.Tensor]:
-        """``{tag: BPB of this batch's rows of that modality}`` for the tags with payload bytes."""
-        bits, count = _per_modality(nll, ids, modality)
-        present = (count > 0).tolist()  # one host sync
-        return {tag: bits[i] / count[i] for i, tag in enumerate(MODALITY_TAGS) if present[i]}
-
 
 # --- sources ----------------------------------------------------------------------------------
 @dataclass
@@ -426,7 +419,7 @@ def _member(sample: dict, extensions: tuple[str, ...]) -> tuple[str, bytes]:
     raise ValueError(f"no {'/'.join(extensions)} member (members: {sorted(members) or 'none'})")
 
 
-def _payloads(samples: Iterable[dict], source: Source, counter: SkipCounter) -> Iterator[bytes]:
+def decode_payloads(samples: Iterable[dict], source: Source, counter: SkipCounter) -> Iterator[bytes]:
     """Decode each sample's member into payload bytes through the adapter; count failures."""
     adapter = source.adapter()
     for sample in samples:
@@ -490,7 +483,7 @@ class TrainStream(IterableDataset):
         shards = wds.ResampledShards(source.train, seed=wds.utils.make_seed(self.seed, i), deterministic=True)
         urls = wds.split_by_worker(wds.split_by_node(iter(shards)))  # thin endless per-rank streams
         samples = wds.tarfile_samples(urls, handler=self.counter.handler)
-        windows = _train_windows(_payloads(samples, source, self.counter), source.modality, self.seq_len)
+        windows = _train_windows(decode_payloads(samples, source, self.counter), source.modality, self.seq_len)
         rng = random.Random(wds.utils.make_seed(self.seed, i, rank, worker))
         tag = TAGS[source.modality]
         for window in wds.shuffle(self.shuffle_buffer, min(100, self.shuffle_buffer), rng=rng)(windows):
@@ -529,7 +522,7 @@ class ValStream(IterableDataset):
         if keep_every > 1:
             samples = (s for j, s in enumerate(samples) if j % keep_every == rank)
         tag = TAGS[source.modality]
-        return ((w, tag) for w in _sample_windows(_payloads(samples, source, self.counter), tag, self.seq_len))
+        return ((w, tag) for w in _sample_windows(decode_payloads(samples, source, self.counter), tag, self.seq_len))
 
     def _rows(self):
         rank, world, worker, workers = wds.utils.pytorch_worker_info()

@@ -25,7 +25,7 @@ import torch
 
 from polybyte.modalities import NUM_BYTES, PAD, TAGS
 
-from .data import BPBMeter, SkipCounter, Source, _payloads, resolve_sources, sample_stream, stream_windows
+from .data import BPBMeter, SkipCounter, Source, decode_payloads, resolve_sources, sample_stream, stream_windows
 from .export import load_exported
 
 LN2 = math.log(2.0)
@@ -39,7 +39,7 @@ def val_payloads(source: Source) -> list[bytes]:
         raise ValueError(f"source {source.name!r} has no val shards (val-*.tar); shard it with --val-fraction > 0")
     counter = SkipCounter(max_fraction=0.5, min_seen=10)
     samples = wds.tarfile_samples(({"url": u} for u in source.val), handler=counter.handler)
-    payloads = list(_payloads(samples, source, counter))
+    payloads = list(decode_payloads(samples, source, counter))
     if counter.skipped:
         print(f"eval: {source.name}: skipped {counter.skipped} unreadable samples", file=sys.stderr)
     return payloads
@@ -102,12 +102,16 @@ def evaluate(
     out.mkdir(parents=True, exist_ok=True)
     report: dict = {"checkpoint": str(ckpt), "backbone": info["model"]["backbone"], "seq_len": seq_len,
                     "stride": stride, "params": model.num_params(), "modalities": {}}  # fmt: skip
+    excerpt = None  # a text excerpt for BLT's patch plot
     for source in sources:
-        settings = source.adapter().settings_dict()
+        adapter = source.adapter()
+        settings = adapter.settings_dict()
         _check_settings(source, settings, trained.get(source.modality))
         payloads = val_payloads(source)[:max_samples]
         if not payloads:
             raise ValueError(f"source {source.name!r}: no readable val samples")
+        if source.modality == "text" and excerpt is None:
+            excerpt = payloads[0][:160]
         tag = TAGS[source.modality]
         streams = [(sample_stream(p, tag), tag) for p in payloads]
         t0 = time.perf_counter()
@@ -122,8 +126,7 @@ def evaluate(
         if source.modality == "image":
             entry["bits_per_dim"] = entry["bpb"]  # 8-bit RGB: one byte per dimension
         if source.modality == "audio":
-            per_sample = {"pcm16": 2, "mulaw8": 1, "pcm8": 1}[settings["encoding"]]
-            entry["bits_per_sample"] = entry["bpb"] * per_sample
+            entry["bits_per_sample"] = entry["bpb"] * adapter.bytes_per_sample
         if codecs:
             from .codecs import codec_bpb
 
@@ -133,10 +136,8 @@ def evaluate(
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(markdown_report(report))
     plot_bpb(report, out / "bpb.png")
-    if model.backbone == "blt":
-        text = next((s for s in sources if s.modality == "text"), None)
-        if text is not None:
-            plot_patches(model, val_payloads(text)[0][:160], out / "patches.png", device)
+    if model.backbone == "blt" and excerpt is not None:
+        plot_patches(model, excerpt, out / "patches.png", device)
     print(f"eval: report written to {out}/report.md")
     return report
 
