@@ -41,3 +41,14 @@ def demo_shards(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("POLYBYTE_CACHE", str(cache))
         yield ensure_demo_shards(quiet=True)
+
+
+@pytest.fixture
+def one_thread():
+    """Run on one intra-op thread. The test models are tiny: a second OpenMP thread barely helps,
+    and when the other core is busy every op waits for it (byte-by-byte sampling ran ~50x
+    slower on a shared 2-core machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -17,14 +17,7 @@ PAD, EOS, TEXT, IMAGE = 256, 257, 258, 259
 ENTROPY_MODEL = TransformerConfig(dim=32, n_layers=1, n_heads=2, window=8, max_seq_len=64)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # These models are far too small to gain from intra-op threads, and on a loaded 2-core
-    # machine OpenMP spinning makes two threads many times slower than one.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest
 
 
 def tiny(kind: str = "space", **overrides) -> BLTConfig:

@@ -65,15 +65,6 @@ def test_demo_refuses_non_positive_budget(args, tmp_path, capsys):
     assert not any(tmp_path.iterdir())
 
 
-@pytest.fixture
-def one_thread():
-    """Run on one intra-op thread. The demo's model is tiny: a second OpenMP thread barely helps,
-    and when the other core is busy every op waits for it (byte-by-byte sampling ran ~50x slower
-    on a shared 2-core machine: ~100 s instead of ~2 s)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_demo_end_to_end(demo_shards, tmp_path, capsys, one_thread):

@@ -18,13 +18,7 @@ PROMPTS = [b"", b"hello", b"ab, cd.\n \xc3\xa9f", b"abc def ghi jkl m"]  # lengt
 MODALITIES = torch.tensor([TEXT, IMAGE, AUDIO, TEXT])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models step byte by byte: one intra-op thread avoids thread hand-offs on shared CPUs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest
 
 
 def flat(**kw):

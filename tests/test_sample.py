@@ -20,13 +20,7 @@ AUDIO = AudioModality(sample_rate=8000, encoding="pcm16", clip_seconds=0.02)  # 
 TEXT = TextModality()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models step byte by byte: one intra-op thread avoids thread hand-offs on shared CPUs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest
 
 
 @pytest.fixture(scope="module")
