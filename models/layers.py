@@ -440,6 +440,13 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+def init_normal(module: nn.Module, std: float) -> None:
+    """Normal(0, std) init of every Linear and Embedding weight under ``module``."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=std)
+
+
 def init_residual_projections(blocks, std: float, depth: int) -> None:
     """GPT-2 init of the projections that write into the residual stream (attention ``wo``,
     MLP ``w2``): std / sqrt(2·depth), so the stream's variance stays flat over ``depth`` blocks."""

@@ -32,7 +32,7 @@ from torch import nn
 
 from . import flops
 from .base import ByteLM, ByteLMConfig, register_backbone
-from .layers import Block, KVCache, RMSNorm, RoPE, init_residual_projections, prepare_mask
+from .layers import Block, KVCache, RMSNorm, RoPE, init_normal, init_residual_projections, prepare_mask
 
 
 @dataclasses.dataclass
@@ -151,9 +151,7 @@ class Megabyte(ByteLM):
 
     def _init_weights(self) -> None:
         std = self.config.init_std
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, std=std)
+        init_normal(self, std)
         nn.init.normal_(self.pad_patch, std=std)
         nn.init.normal_(self.pad_byte, std=std)
         for blocks in (self.global_blocks, self.local_blocks):

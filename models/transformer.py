@@ -28,6 +28,7 @@ from torch import nn
 from .base import ByteLM, ByteLMConfig, register_backbone
 from .flops import attention_flops, attention_pairs, linear_flops, training_flops
 from .layers import (
+    init_normal,
     init_residual_projections,
     AttentionMask,
     Block,
@@ -116,9 +117,7 @@ class Transformer(ByteLM):
 
     def _init_weights(self) -> None:
         std = self.config.init_std
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, std=std)
+        init_normal(self, std)
         # residual branches add up over 2·n_layers projections: keep the stream's variance flat
         init_residual_projections(self.blocks, std, self.config.n_layers)
 
