@@ -79,7 +79,10 @@ class ByteLMModule(L.LightningModule):
             self._load_entropy_model(entropy_model)
         self.bpb_meter = BPBMeter()  # validation: bits and bytes per modality over the val set
         self.train_meter = BPBMeter()  # training: since the last logging step
+        # throughput since the last logging step (see _log_throughput)
         self._t_last: float | None = None
+        self._bytes, self._patches, self._patch_bytes = 0, 0, 0
+        self._peak_flops: float | None = None
         self._compiled = None
 
     # --- helpers ------------------------------------------------------------------------------
@@ -134,23 +137,7 @@ class ByteLMModule(L.LightningModule):
         B, T = ids.shape
         self.log("train/loss", loss, prog_bar=True)
         self._log_train_bpb(nll.detach(), ids, modality)
-        now = time.perf_counter()
-        if self._t_last is not None:
-            dt = now - self._t_last
-            bytes_per_s = B * T * self.trainer.world_size / dt
-            self.log("perf/bytes_per_s", bytes_per_s, prog_bar=True)
-            peak = device_peak_flops(self.device)
-            aux = self.model.aux
-            mean_patch = None
-            if "num_patches" in aux:
-                patches = float(aux["num_patches"])
-                mean_patch = float(aux.get("num_bytes", B * T)) / max(patches, 1.0)
-                self.log("perf/patches_per_s", patches * self.trainer.world_size / dt)
-                self.log("perf/mean_patch_len", mean_patch)
-            if peak:
-                mfu = self.model.flops_per_byte(mean_patch_len=mean_patch) * bytes_per_s / (peak * self.trainer.world_size)
-                self.log("perf/mfu", mfu, prog_bar=True)
-        self._t_last = now
+        self._log_throughput(B * T)
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         skipped = self._skipped()
         if skipped is not None:
@@ -163,13 +150,45 @@ class ByteLMModule(L.LightningModule):
         missing from a batch would be logged again with its last value (Lightning re-logs every
         key it has seen this epoch at each step)."""
         self.train_meter.update(nll, ids, modality)
-        step = self.global_step
-        if (step + 1) % max(1, self.trainer.log_every_n_steps) and not self.trainer.should_stop:
+        if not self._is_log_step():
             return
         values = {f"train/bpb_{name}": bpb for name, bpb in self.train_meter.compute().items()}
         self.train_meter = BPBMeter()
         for logger in self.loggers:
-            logger.log_metrics(values, step=step)
+            logger.log_metrics(values, step=self.global_step)
+
+    def _is_log_step(self) -> bool:
+        return (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0 or self.trainer.should_stop
+
+    def _log_throughput(self, grid_bytes: int) -> None:
+        """bytes/s, MFU and (BLT) patches/s and mean patch length over the steps since the last
+        logging step: counts accumulate on the device, read back (one sync) only when logged."""
+        aux = self.model.aux
+        self._bytes += grid_bytes
+        if "num_patches" in aux:
+            self._patches = self._patches + aux["num_patches"].detach()
+            self._patch_bytes = self._patch_bytes + aux["num_bytes"].detach()
+        if not self._is_log_step():
+            return
+        now = time.perf_counter()
+        if self._t_last is not None:
+            dt = now - self._t_last
+            world = self.trainer.world_size
+            bytes_per_s = self._bytes * world / dt
+            self.log("perf/bytes_per_s", bytes_per_s, prog_bar=True)
+            mean_patch = None
+            if "num_patches" in aux:
+                patches = float(self._patches)
+                mean_patch = float(self._patch_bytes) / max(patches, 1.0)
+                self.log("perf/patches_per_s", patches * world / dt)
+                self.log("perf/mean_patch_len", mean_patch)
+            if self._peak_flops:
+                mfu = self.model.flops_per_byte(mean_patch_len=mean_patch) * bytes_per_s / (self._peak_flops * world)
+                self.log("perf/mfu", mfu, prog_bar=True)
+        self._t_last, self._bytes, self._patches, self._patch_bytes = now, 0, 0, 0
+
+    def on_train_start(self) -> None:
+        self._peak_flops = device_peak_flops(self.device)
 
     def _skipped(self):
         dm = getattr(self.trainer, "datamodule", None)
