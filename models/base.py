@@ -38,6 +38,9 @@ class ByteLM(nn.Module, ABC):
     """A byte-level language model (see module docstring for the shape contract)."""
 
     backbone: ClassVar[str]  # registry name, e.g. "transformer", "megabyte", "blt"
+    # Methods doing one decoding step's device work at fixed shapes (no host syncs): a pipeline
+    # may torch.compile them for sampling (MEGABYTE: decode_global, decode_local).
+    compilable_steps: ClassVar[tuple[str, ...]] = ()
     config: ByteLMConfig
 
     def __init__(self) -> None:

@@ -769,7 +769,7 @@ class BLT(ByteLM):
             # (k slots per L bytes), and k (query, key) pairs in either direction
             total = 0.0
             for x in layers:
-                lin = {name: linear_flops(getattr(x.attn, name)) for name in ("wq", "wk", "wv", "wo")}
+                lin = x.attn.projection_flops()
                 total += sum(lin[n] for n in per_byte) + k / L * sum(lin[n] for n in per_slot)
                 total += attention_flops(k, d)
             return total

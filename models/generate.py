@@ -12,6 +12,8 @@ Each backbone decodes incrementally through a small decoder object with two call
 * flat transformer: ``new_cache`` / ``prefill`` / ``forward_step`` (per-layer KV caches);
 * MEGABYTE and BLT: ``new_state`` / ``prefill`` / ``step`` on the model (global or latent model
   once per patch, local models once per byte; see their modules);
+* MEGABYTE, once no row is inside its prompt and at a patch boundary: ``decode_patch``, a whole
+  patch per call with sampling inside, which on CUDA is one replay of a captured CUDA graph;
 * ``use_cache=False``: every step reruns the full forward over the whole prefix — the reference
   that tests compare the caches against and ``polybyte bench --what sample`` times.
 
@@ -22,7 +24,6 @@ while ``stop_at_eos``, so fixed-size payloads such as images always come out who
 from __future__ import annotations
 
 import contextlib
-
 from typing import Callable, Sequence
 
 import torch
@@ -61,8 +62,8 @@ def generate(
     seed: seeds a generator of its own (reproducible samples); None uses torch's global RNG.
     stop_at_eos: a row stops after sampling EOS (not included in its output); False forbids EOS,
       so every row gets exactly ``max_bytes`` bytes.
-    cuda_graphs: on CUDA, replay MEGABYTE's per-byte local step from captured CUDA graphs
-      (same numbers, far fewer kernel launches).
+    cuda_graphs: on CUDA, decode MEGABYTE a patch at a time from one captured CUDA graph (same
+      numbers, one launch per patch instead of ~1,000 kernel launches).
     progress: called now and then with the number of bytes generated since its last call.
     Returns one list of new ids (0..255) per row. Runs under autocast if the caller enables it.
     """
@@ -113,29 +114,51 @@ def generate(
     sample = _Sampler(allowed, temperature, top_k, top_p, generator)
 
     with torch.no_grad():
-        dec = make_decoder(model, modality, total, use_cache=use_cache, cuda_graphs=cuda_graphs)
-        logits = dec.prefill(ids[:, :shortest])[:, -1]  # [B, V]: distribution of byte `shortest`
+        dec = make_decoder(model, modality, total, use_cache=use_cache, cuda_graphs=cuda_graphs, sample=sample)
         finished = torch.zeros(B, dtype=torch.bool, device=device)  # sampled EOS already
-        reported = 0
-        for t in range(shortest, total):
+        reported = shortest  # position up to which progress was reported
+        block = getattr(dec, "block", 0)  # bytes per decode_block call (MEGABYTE: one patch)
+
+        def checkpoint(t: int) -> bool:
+            """Report progress up to position t; True when every row is done."""
+            nonlocal reported
+            if progress is not None:
+                progress(_active_until(lengths, max_bytes, t) - _active_until(lengths, max_bytes, reported))
+            reported = t
+            return t >= total or (stop_at_eos and bool((finished | (row_end <= t)).all()))
+
+        # byte by byte: prompts (forced bytes) and up to the first patch boundary
+        logits = dec.prefill(ids[:, :shortest])[:, -1]  # [B, V]: distribution of byte `shortest`
+        t = shortest  # position of the next byte to fix
+        done = False
+        while not done:
             nxt = sample(logits)
             if t < longest:  # some rows are still inside their prompt: feed that byte instead
                 nxt = torch.where(prompt_len > t, ids[:, t], nxt)
             ids[:, t] = nxt
             if stop_at_eos:
                 finished |= (nxt == EOS_ID) & (prompt_len <= t)
-            last = t == total - 1
-            if last or (t - shortest + 1) % CHECK_EVERY == 0:
-                done = _active_until(lengths, max_bytes, t + 1)
-                if progress is not None:
-                    progress(done - reported)
-                reported = done
-                if last or (stop_at_eos and bool((finished | (row_end <= t + 1)).all())):
-                    break
+            t += 1
+            done = (t == total or (t - shortest) % CHECK_EVERY == 0) and checkpoint(t)
+            if done or (block and t >= longest and t % block == 0):
+                break
             logits = dec.step(nxt)
+        # a whole patch per call (sampling included), once no row is inside its prompt
+        while not done:
+            for _ in range(-(-CHECK_EVERY // block)):
+                out = dec.decode_block(nxt)  # [B, block]: bytes t .. t+block-1
+                nxt = out[:, -1]
+                n = min(block, total - t)  # the last patch may run past total: dropped
+                ids[:, t : t + n] = out[:, :n]
+                if stop_at_eos:
+                    finished |= (out == EOS_ID).any(-1)
+                t += n
+                if t == total:
+                    break
+            done = checkpoint(t)
 
     out = []
-    for i, row in enumerate(ids[:, : t + 1].tolist()):
+    for i, row in enumerate(ids[:, :t].tolist()):
         new = row[lengths[i] : lengths[i] + max_bytes]
         if EOS_ID in new:
             new = new[: new.index(EOS_ID)]
@@ -161,14 +184,25 @@ def _modality_tensor(modality: torch.Tensor | int, B: int, device) -> torch.Tens
 
 # --- sampling ---------------------------------------------------------------------------------
 class _Sampler:
-    """logits [B, V] -> next ids [B] with specials masked, temperature, top-k and top-p."""
+    """logits [B, V] -> next ids [B] with specials masked, temperature, top-k and top-p.
+
+    Draws by the Gumbel-max trick, argmax(logits/T + Gumbel noise), which samples softmax(logits/T)
+    exactly with device-only kernels: no host sync (torch.multinomial has one), so a CUDA graph
+    can hold it. The uniform noise [B, V] comes from the sampler's generator, or from the caller
+    (a graph's static buffer, refilled before each replay with ``refill``).
+    """
 
     def __init__(self, allowed: torch.Tensor, temperature: float, top_k, top_p, generator) -> None:
         self.blocked = ~allowed
         self.greedy = temperature == 0 or top_k == 1
         self.temperature, self.top_k, self.top_p, self.generator = temperature, top_k, top_p, generator
 
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+    def refill(self, noise: torch.Tensor) -> None:
+        """New uniform noise in place (nothing to do when greedy)."""
+        if not self.greedy:
+            noise.uniform_(generator=self.generator)
+
+    def __call__(self, logits: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         logits = logits.float().masked_fill(self.blocked, -torch.inf)
         if self.greedy:
             return logits.argmax(-1)
@@ -183,23 +217,35 @@ class _Sampler:
             drop_sorted = probs.cumsum(-1) - probs >= self.top_p
             drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
             logits = logits.masked_fill(drop, -torch.inf)
-        probs = logits.softmax(-1)
-        return torch.multinomial(probs, 1, generator=self.generator)[:, 0]
+        if noise is None:
+            noise = torch.rand(logits.shape, device=logits.device, generator=self.generator)
+        gumbel = -(-noise.clamp_min(torch.finfo(torch.float32).tiny).log()).log()
+        return (logits + gumbel).argmax(-1)
 
 
 # --- per-backbone incremental decoders ----------------------------------------------------------
 def make_decoder(
-    model: ByteLM, modality: torch.Tensor, max_len: int, use_cache: bool = True, cuda_graphs: bool = False
+    model: ByteLM,
+    modality: torch.Tensor,
+    max_len: int,
+    use_cache: bool = True,
+    cuda_graphs: bool = False,
+    sample: _Sampler | None = None,
 ):
     """A decoder for B = len(modality) rows able to run ``max_len`` positions (prompt included).
 
     Returns an object with ``prefill(ids [B, n]) -> logits [B, n+1, V]`` (call once, first; n may
     be 0) and ``step(prev [B]) -> logits [B, V]`` (the next position, given the byte just fixed).
+    Backbones with fixed patches (MEGABYTE), given a ``sample``r, also decode a whole patch per
+    call: ``block`` = P and ``decode_block(prev [B]) -> bytes [B, P]``, from a CUDA graph on CUDA
+    when ``cuda_graphs``.
     """
     if not use_cache:
         return _FullForward(model, modality, max_len)
-    if cuda_graphs and modality.device.type == "cuda" and hasattr(model, "local_step"):
-        return _GraphedLocal(model, modality, max_len)
+    if hasattr(model, "decode_patch") and sample is not None:
+        if cuda_graphs and modality.device.type == "cuda":
+            return _PatchGraph(model, modality, max_len, sample)
+        return _Patches(model, modality, max_len, sample)
     if hasattr(model, "new_state"):
         return _Stateful(model, modality, max_len)
     if hasattr(model, "new_cache"):
@@ -233,9 +279,9 @@ class _Stateful:
     """Backbones with ``new_state(modality, max_len, dtype)``, ``prefill(state, ids)`` and
     ``step(state, prev)`` (MEGABYTE, BLT)."""
 
-    def __init__(self, model, modality: torch.Tensor, max_len: int) -> None:
+    def __init__(self, model, modality: torch.Tensor, max_len: int, **state_options) -> None:
         self.model = model
-        self.state = model.new_state(modality, max_len, dtype=_cache_dtype(model))
+        self.state = model.new_state(modality, max_len, dtype=_cache_dtype(model), **state_options)
 
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.prefill(self.state, ids)
@@ -244,57 +290,77 @@ class _Stateful:
         return self.model.step(self.state, prev)
 
 
-class _GraphedLocal(_Stateful):
-    """MEGABYTE on CUDA: the local decoder's step at each in-patch position j is captured once as
-    a CUDA graph (its inputs and caches live at fixed addresses in the state) and replayed for
-    every later patch; the global model still runs eagerly, once per patch. A 6-layer local step
-    is ~100 small kernels: launching them one by one, not computing them, bounds eager decoding."""
+class _Patches(_Stateful):
+    """MEGABYTE: after the prompt, a whole patch per ``decode_block`` (``Megabyte.decode_patch``).
+    The state is sized to whole patches: the last one may run past ``max_len`` (dropped), and
+    its caches are DeviceKVCaches (fixed shapes: what CUDA graphs and torch.compile need). The
+    patch's sampling noise [P, B, V] is drawn at once into a buffer (a CUDA graph's input)."""
 
-    def __init__(self, model, modality: torch.Tensor, max_len: int) -> None:
-        super().__init__(model, modality, max_len)
+    def __init__(self, model, modality: torch.Tensor, max_len: int, sample: _Sampler) -> None:
+        self.block = P = model.config.patch_size
+        super().__init__(model, modality, -(-max_len // P) * P, device_caches=True)
+        self.sample = sample
+        self.noise = torch.zeros(P, len(modality), model.config.vocab_size, device=modality.device)
+
+    def _decode(self, prev: torch.Tensor) -> torch.Tensor:
+        return self.model.decode_patch(self.state, prev, lambda logits, j: self.sample(logits, self.noise[j]))
+
+    def decode_block(self, prev: torch.Tensor) -> torch.Tensor:
+        self.sample.refill(self.noise)
+        return self._decode(prev)
+
+
+class _PatchGraph(_Patches):
+    """MEGABYTE on CUDA: ``decode_patch`` (global step, P local steps and P samplings, ~1,000
+    small kernels for the base model) captured once as a CUDA graph and replayed for every later
+    patch; the host then launches one graph per patch instead of every kernel, which otherwise
+    bounds decoding. The global caches keep their fill level on the device so that the same graph
+    serves every patch; inputs (the previous byte, the noise) and the output live in static
+    buffers. The first patch runs eagerly (warm-up: cuBLAS handles, workspaces), the second is
+    captured."""
+
+    def __init__(self, model, modality: torch.Tensor, max_len: int, sample: _Sampler) -> None:
+        super().__init__(model, modality, max_len, sample)
         self.prev = torch.zeros(len(modality), dtype=torch.long, device=modality.device)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.pool = torch.cuda.graph_pool_handle()
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.out: torch.Tensor | None = None
+        self.warmed_up = False
 
-    def step(self, prev: torch.Tensor) -> torch.Tensor:
-        model, state = self.model, self.state
-        P, t = model.config.patch_size, state.pos
-        if t >= state.max_len:
-            raise ValueError(f"state is full: max_len {state.max_len} positions decoded")
-        j = t % P
-        state.patch_bytes[:, (t - 1) % P] = prev
-        if j == 0:
-            model.start_patch(state, t // P)
-        state.pos = t + 1
+    def _run(self) -> torch.Tensor:
+        out = self._decode(self.prev)
+        self.prev.copy_(out[:, -1])
+        return out
+
+    def decode_block(self, prev: torch.Tensor) -> torch.Tensor:
+        state, P = self.state, self.block
+        t = state.pos
+        if t == 0 or t % P or t + P > state.max_len:
+            return super().decode_block(prev)  # raises decode_patch's error; no graph replayed
         self.prev.copy_(prev)
-        if j not in self.graphs:
-            self.graphs[j] = self._capture(j)
-        graph, logits = self.graphs[j]
-        graph.replay()
-        return logits
-
-    def _capture(self, j: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        model, state = self.model, self.state
-        offset = model.config.cross_patch_r + j  # cache slots filled before this step
-
-        def run() -> torch.Tensor:
-            for cache in state.local_caches:
-                cache.length = offset
-            return model.local_step(state, j, self.prev)
-
-        # Autocast's cast cache holds tensors made outside the graph: capture without it.
-        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
-        autocast = torch.autocast("cuda", dtype=dtype, cache_enabled=False) if dtype else contextlib.nullcontext()
-        with autocast:
+        self.sample.refill(self.noise)
+        if not self.warmed_up:
+            self.warmed_up = True
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up outside capture (cuBLAS handles, workspaces)
-                run()
+            with torch.cuda.stream(side), _autocast_without_cache():  # as captured (compile guards)
+                out = self._run()
             torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                logits = run()
-        return graph, logits
+            return out
+        if self.graph is None:
+            self.graph = torch.cuda.CUDAGraph()
+            with _autocast_without_cache(), torch.cuda.graph(self.graph):
+                self.out = self._run()
+            state.pos = t  # the capture recorded this patch without running it: replayed below
+        self.graph.replay()
+        state.pos = t + P
+        return self.out
+
+
+def _autocast_without_cache():
+    """Autocast's cast cache would hold weights cast outside the graph: capture without it."""
+    if not torch.is_autocast_enabled("cuda"):
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
 
 
 class _FullForward:

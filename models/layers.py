@@ -59,19 +59,22 @@ class RoPE(nn.Module):
 
 # --- MLP --------------------------------------------------------------------------------------
 class SwiGLU(nn.Module):
-    """w2(silu(w1 x) * w3 x); hidden defaults to 8/3·dim rounded up to a multiple of 64."""
+    """w2(silu(w1 x) * w3 x); hidden defaults to 8/3·dim rounded up to a multiple of 64.
+
+    w1 and w3 are one [2·hidden, dim] matrix ``w13``: one matmul instead of two (decoding steps
+    are a few rows, where each matmul's launch, not its FLOPs, costs)."""
 
     def __init__(self, dim: int, hidden: int | None = None, multiple_of: int = 64) -> None:
         super().__init__()
         if hidden is None:
             hidden = swiglu_hidden(dim, multiple_of)
         self.hidden = hidden
-        self.w1 = nn.Linear(dim, hidden, bias=False)
-        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w13 = nn.Linear(dim, 2 * hidden, bias=False)
         self.w2 = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.w13(x).chunk(2, dim=-1)  # [.., 2*hidden] -> 2 x [.., hidden]
+        return self.w2(F.silu(gate) * up)
 
 
 def swiglu_hidden(dim: int, multiple_of: int = 64) -> int:
@@ -249,6 +252,7 @@ class KVCache:
     """
 
     window: int | None = None  # full causal history (see WindowedKVCache)
+    static_shape = False  # returns only the filled slots (see DeviceKVCache)
 
     def __init__(self, B: int, n_kv_heads: int, max_len: int, head_dim: int, device, dtype) -> None:
         self.k = torch.zeros(B, n_kv_heads, max_len, head_dim, device=device, dtype=dtype)
@@ -271,6 +275,10 @@ class KVCache:
         self.length += T
         return self.k[:, :, : self.length], self.v[:, :, : self.length]
 
+    def next_positions(self, n: int) -> torch.Tensor:
+        """Absolute positions [n] of the next n steps."""
+        return torch.arange(self.length, self.length + n, device=self.k.device)
+
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Append; return all keys/values [B, Hkv, Tk, Dh] and their absolute positions [Tk]."""
         k, v = self.append(k, v)
@@ -278,6 +286,48 @@ class KVCache:
 
     def reset(self) -> None:
         self.length = 0
+
+
+class DeviceKVCache(KVCache):
+    """A KVCache whose fill level lives on the device, so CUDA graphs can replay its steps.
+
+    ``pos`` (a 0-dim long tensor) is the next free slot; ``update`` writes the new keys there
+    with ``index_copy_`` and returns the whole preallocated buffer (fixed shape), and the
+    attention masks slots past the queries by position. Every step then launches the same
+    kernels with the same shapes whatever the fill level: one CUDA graph serves all of them
+    (MEGABYTE's global model, once per patch). Overflowing is not checked (that would need a
+    host sync); callers size it. Slots are positions: key slot s sits at position s.
+    """
+
+    static_shape = True  # attention must mask the unfilled slots itself
+
+    def __init__(self, B: int, n_kv_heads: int, max_len: int, head_dim: int, device, dtype) -> None:
+        super().__init__(B, n_kv_heads, max_len, head_dim, device, dtype)
+        self.pos = torch.zeros((), dtype=torch.long, device=device)
+        self.slots = torch.arange(max_len, device=device)
+
+    @property
+    def length(self) -> int:
+        """Filled slots (a host sync: for checks and tests, not the decoding loop)."""
+        return int(self.pos)
+
+    @length.setter
+    def length(self, value: int) -> None:
+        if hasattr(self, "pos"):  # KVCache.__init__ sets 0 before pos exists
+            self.pos.fill_(value)
+
+    def next_positions(self, n: int) -> torch.Tensor:
+        return self.pos + self.slots[:n]
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        idx = self.next_positions(k.shape[2])
+        self.k.index_copy_(2, idx, k)
+        self.v.index_copy_(2, idx, v)
+        self.pos += k.shape[2]
+        return self.k, self.v, self.slots
+
+    def reset(self) -> None:
+        self.pos.zero_()
 
 
 class WindowedKVCache:
@@ -338,8 +388,8 @@ class Attention(nn.Module):
       kv_positions: RoPE positions of cross-attention keys. Cross-attention applies RoPE only
         when kv_positions is given (rotating the queries alone encodes nothing);
       mask_mod: a mask_mod or prepared AttentionMask (then ``causal`` is ignored);
-      cache: KVCache or WindowedKVCache of this layer. New keys/values are appended and the
-        queries attend over the cache. With ``causal=True`` and no mask_mod the causal mask is
+      cache: KVCache, DeviceKVCache or WindowedKVCache of this layer. New keys/values are
+        appended and the queries attend over the cache. With ``causal=True`` and no mask_mod the causal mask is
         aligned to absolute positions (prefilling a chunk into a non-empty cache is correct);
         a WindowedKVCache applies its window itself (mask_mod must be None). A caller's
         mask_mod over a KVCache sees local query indices and cache key indices: pass
@@ -362,12 +412,35 @@ class Attention(nn.Module):
         if n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads {n_heads} not divisible by n_kv_heads {self.n_kv_heads}")
         self.head_dim = dim // n_heads
-        kv_dim = kv_dim or dim
-        self.wq = nn.Linear(dim, n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(kv_dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(kv_dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
+        self.dim, self.kv_dim = dim, kv_dim or dim
+        self.q_size, self.kv_size = n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        # Projections fused into as few matmuls as the inputs allow (decoding steps are a few
+        # rows: each matmul's launch costs more than its FLOPs): queries, keys and values from
+        # one [q + 2·kv, dim] matrix when keys come from inputs of the same width, else queries
+        # and [2·kv, kv_dim] keys+values apart. Cross-attention uses row slices (views) of it.
+        if self.kv_dim == dim:
+            self.wqkv = nn.Linear(dim, self.q_size + 2 * self.kv_size, bias=False)
+        else:
+            self.wq = nn.Linear(dim, self.q_size, bias=False)
+            self.wkv = nn.Linear(self.kv_dim, 2 * self.kv_size, bias=False)
+        self.wo = nn.Linear(self.q_size, dim, bias=False)
         self.rope = rope
+
+    def project_q(self, x: torch.Tensor) -> torch.Tensor:
+        """Queries [.., H·Dh] of x [.., dim]."""
+        if self.kv_dim == self.dim:
+            return F.linear(x, self.wqkv.weight[: self.q_size])
+        return self.wq(x)
+
+    def project_kv(self, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values, each [.., Hkv·Dh], of src [.., kv_dim]."""
+        weight = self.wqkv.weight[self.q_size :] if self.kv_dim == self.dim else self.wkv.weight
+        return F.linear(src, weight).split(self.kv_size, dim=-1)
+
+    def projection_flops(self) -> dict[str, int]:
+        """Forward FLOPs per row of each projection: {"wq", "wk", "wv", "wo"} (2·in·out each)."""
+        q, kv = 2 * self.dim * self.q_size, 2 * self.kv_dim * self.kv_size
+        return {"wq": q, "wk": kv, "wv": kv, "wo": 2 * self.q_size * self.dim}
 
     def forward(
         self,
@@ -384,18 +457,30 @@ class Attention(nn.Module):
         self_attn = kv is None
         src = x if self_attn else kv
         Tk = src.shape[1]
-        q = self.wq(x).view(B, Tq, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, Tq, Dh]
-        k = self.wk(src).view(B, Tk, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, Tk, Dh]
-        v = self.wv(src).view(B, Tk, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        start = cache.length if cache is not None else 0
+        if self_attn and self.kv_dim == self.dim:  # one matmul: [B, Tq, q + 2*kv] -> q, k, v
+            q, k, v = self.wqkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        else:
+            q, (k, v) = self.project_q(x), self.project_kv(src)
+        q = q.view(B, Tq, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, Tq, Dh]
+        k = k.view(B, Tk, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, Tk, Dh]
+        v = v.view(B, Tk, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        static = getattr(cache, "static_shape", False)
+        if static:  # fill level on the device: slot positions of the queries, read before update
+            if mask_mod is not None:
+                raise ValueError("a DeviceKVCache masks by slot position itself; pass mask_mod=None")
+            q_slots = cache.next_positions(Tq)
+        start = cache.length if cache is not None and not static else 0
         if self.rope is not None and (self_attn or kv_positions is not None):
             if positions is None:
-                positions = torch.arange(start, start + Tq, device=x.device)
+                positions = q_slots if static else torch.arange(start, start + Tq, device=x.device)
             q = self.rope(q, positions)
             k = self.rope(k, positions if self_attn else kv_positions)
         if cache is not None:
             k, v, kv_pos = cache.update(k, v)
-            mask_mod, causal = self._cache_mask(cache, start, Tq, kv_pos, mask_mod, causal)
+            if static:  # every slot up to the query's own (ignores ``causal``: the slots are causal)
+                mask_mod, causal = position_mask(q_slots, kv_pos), False
+            else:
+                mask_mod, causal = self._cache_mask(cache, start, Tq, kv_pos, mask_mod, causal)
         out = masked_attention(q, k, v, mask_mod, causal=causal)
         out = out.transpose(1, 2).reshape(B, Tq, self.n_heads * self.head_dim)  # [B, Tq, H*Dh]
         return self.wo(out)

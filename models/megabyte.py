@@ -26,13 +26,14 @@ when cross-patch attention is on). Logits equal the full forward's (tested to 1e
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import torch
 from torch import nn
 
 from . import flops
 from .base import ByteLM, ByteLMConfig, register_backbone
-from .layers import Block, KVCache, RMSNorm, RoPE, init_normal, init_residual_projections, prepare_mask
+from .layers import Block, DeviceKVCache, KVCache, RMSNorm, RoPE, init_normal, init_residual_projections, prepare_mask
 
 
 @dataclasses.dataclass
@@ -125,6 +126,8 @@ class MegabyteState:
 class Megabyte(ByteLM):
     """MEGABYTE byte LM; see the module docstring for the architecture."""
 
+    compilable_steps = ("decode_global", "decode_local")
+
     def __init__(self, config: MegabyteConfig) -> None:
         super().__init__()
         self.config = c = config
@@ -182,19 +185,22 @@ class Megabyte(ByteLM):
         if T > c.max_seq_len:
             raise ValueError(f"seq_len {T} exceeds max_seq_len {c.max_seq_len}; raise max_seq_len")
 
-    def _embed_patches(self, ids: torch.Tensor, start: int) -> torch.Tensor:
-        """ids [B, n·P] at byte positions start.. -> patch vectors [B, n, P·D_G]."""
+    def _embed_patches(self, ids: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
+        """ids [B, n·P] at byte positions start.. -> patch vectors [B, n, P·D_G]. ``start`` may be
+        a 0-dim device tensor (CUDA-graph decoding, where the patch index lives on the device)."""
         B, T = ids.shape
         h = self.global_embed(ids)  # [B, T, D_G]
-        if self.pos_embed is not None:
+        if self.pos_embed is not None and isinstance(start, torch.Tensor):
+            h = h + self.pos_embed(start + torch.arange(T, device=ids.device))
+        elif self.pos_embed is not None:
             h = h + self.pos_embed.weight[start : start + T]
         return h.reshape(B, T // self.config.patch_size, -1)  # [B, T, D_G] -> [B, T/P, P*D_G]
 
-    def _run_global(self, x: torch.Tensor, start: int, caches: list[KVCache] | None) -> torch.Tensor:
-        """Global decoder on patch inputs x [B, n, P·D_G] at patch positions start..; returns the
-        projected conditioning [B, n, P, D_L]."""
+    def _run_global(self, x: torch.Tensor, caches: list[KVCache] | None) -> torch.Tensor:
+        """Global decoder on patch inputs x [B, n, P·D_G] at patch positions 0.. (no caches) or
+        continuing the caches; returns the projected conditioning [B, n, P, D_L]."""
         B, n, _ = x.shape
-        positions = torch.arange(start, start + n, device=x.device)
+        positions = None if caches is not None else torch.arange(n, device=x.device)  # caches know theirs
         for i, blk in enumerate(self.global_blocks):
             x = blk(x, positions=positions, causal=True, cache=None if caches is None else caches[i])
         x = self.global_norm(x)
@@ -256,7 +262,7 @@ class Megabyte(ByteLM):
         patches = self._embed_patches(ids, 0)  # [B, K, P*D_G]
         pad = self.pad_patch[tag][:, None].to(patches.dtype)  # [B, 1, P*D_G]
         x = torch.cat([pad, patches[:, :-1]], 1)  # global input: shifted right by one patch
-        cond = self._run_global(x, 0, global_caches)  # [B, K, P, D_L]
+        cond = self._run_global(x, global_caches)  # [B, K, P, D_L]
         logits, kept = self._run_local(self._local_input(ids, cond), K, keep_inputs)
         return logits.view(B, T, -1), kept  # [B*K, P, V] -> [B, T, V]
 
@@ -292,10 +298,17 @@ class Megabyte(ByteLM):
 
     # --- incremental decoding -----------------------------------------------------------------
     def new_state(
-        self, modality: torch.Tensor, max_len: int, dtype: torch.dtype | None = None
+        self,
+        modality: torch.Tensor,
+        max_len: int,
+        dtype: torch.dtype | None = None,
+        device_caches: bool = False,
     ) -> MegabyteState:
         """Empty decoding state for a batch of rows with tags ``modality`` [B] (its device is used),
-        able to decode ``max_len`` positions. ``dtype`` of the caches defaults to the weights'."""
+        able to decode ``max_len`` positions. ``dtype`` of the caches defaults to the weights'.
+        ``device_caches``: every cache keeps its fill level on the device (``DeviceKVCache``):
+        each step then has fixed shapes and addresses, so one captured CUDA graph (or one
+        torch.compile'd function) serves every patch and byte; attention masks the empty slots."""
         c = self.config
         B = modality.shape[0]
         self._tag_index(modality, B)
@@ -305,14 +318,17 @@ class Megabyte(ByteLM):
         P, r = c.patch_size, c.cross_patch_r
 
         def caches(blocks, n):
-            return [KVCache(B, b.attn.n_kv_heads, n, b.attn.head_dim, dev, dtype) for b in blocks]
+            kind = DeviceKVCache if device_caches else KVCache
+            return [kind(B, b.attn.n_kv_heads, n, b.attn.head_dim, dev, dtype) for b in blocks]
 
         layer_inputs = torch.zeros(c.local_layers, B, P, c.local_dim, device=dev, dtype=dtype) if r else None
         return MegabyteState(
             modality=modality,
             max_len=max_len,
             pos=0,
-            global_caches=caches(self.global_blocks, -(-max_len // P)),
+            # device caches are sized to the model's longest window, so that their shapes (and
+            # a compiled step) are the same whatever the sample length
+            global_caches=caches(self.global_blocks, c.max_seq_len // P if device_caches else -(-max_len // P)),
             local_caches=caches(self.local_blocks, r + P),
             patch_bytes=torch.full((B, P), c.pad_id, dtype=torch.long, device=dev),
             local_cond=torch.zeros(B, P, c.local_dim, device=dev, dtype=dtype),
@@ -339,29 +355,70 @@ class Megabyte(ByteLM):
         state.pos = t + 1
         return self.local_step(state, j, prev)
 
+    def decode_patch(
+        self, state: MegabyteState, prev: torch.Tensor, sample: Callable[[torch.Tensor, int], torch.Tensor]
+    ) -> torch.Tensor:
+        """Decode the whole patch that starts at ``state.pos`` (a multiple of P, not 0): the global
+        step once, then P local steps, byte j drawn by ``sample(logits [B, V], j) -> ids [B]`` and
+        fed to step j+1. ``prev`` [B]: the bytes at ``state.pos - 1``. Returns the patch's bytes
+        [B, P] and advances ``state.pos`` by P.
+
+        The host does the same thing for every patch, and with ``device_caches`` (see
+        ``new_state``) every tensor it touches has a fixed address and shape, so one CUDA graph
+        captured on any patch replays every later one (``models/generate.py``)."""
+        P, t = self.config.patch_size, state.pos
+        if t == 0 or t % P:
+            raise ValueError(f"decode_patch starts at a patch boundary after patch 0, got position {t} (P={P})")
+        if t + P > state.max_len:
+            raise ValueError(f"state is full: position {t} + patch of {P} > max_len {state.max_len}")
+        out = []
+        for j in range(P):
+            prev = sample(self.step(state, prev), j)
+            out.append(prev)
+        return torch.stack(out, 1)  # P x [B] -> [B, P]
+
     def local_step(self, state: MegabyteState, j: int, prev: torch.Tensor | None) -> torch.Tensor:
-        """The local decoder's step at in-patch position j: logits [B, V]. Reads only tensors
-        that live in ``state`` (fixed addresses, fixed shapes for a given j), so a CUDA graph
-        captured once per j can replay it (see models/generate.py)."""
+        """The local decoder's step at in-patch position j: logits [B, V]."""
         r = self.config.cross_patch_r
         cond = state.local_cond[:, j : j + 1]  # [B, 1, D_L]
         emb = self.pad_byte.expand_as(cond) if j == 0 else self.local_embed(prev)[:, None]
         x = (emb + cond).to(cond.dtype)  # [B, 1, D_L]
         pos = torch.arange(r + j, r + j + 1, device=x.device)
-        for i, blk in enumerate(self.local_blocks):
-            if r:
-                state.layer_inputs[i, :, j] = x[:, 0]
-            x = blk(x, positions=pos, causal=False, cache=state.local_caches[i])
-        return self.head(self.local_norm(x))[:, 0]
+        logits, inputs = self.decode_local(x, pos, state.local_caches)
+        if r:  # kept for the next patch's cross-patch tail
+            state.layer_inputs[:, :, j] = inputs
+        return logits
+
+    def decode_local(
+        self, x: torch.Tensor, positions: torch.Tensor, caches: list[KVCache]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Device work of one local step: x [B, 1, D_L] at local positions [1] -> (logits [B, V],
+        every layer's input [L_local, B, D_L] with cross-patch attention, else None). With
+        DeviceKVCaches its shapes never change: a pipeline may torch.compile it."""
+        inputs = []
+        for blk, cache in zip(self.local_blocks, caches):
+            inputs.append(x[:, 0])
+            x = blk(x, positions=positions, causal=False, cache=cache)
+        logits = self.head(self.local_norm(x))[:, 0]
+        return logits, (torch.stack(inputs) if self.config.cross_patch_r else None)
+
+    def decode_global(self, x: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
+        """Device work of one global step: patch input x [B, 1, P·D_G] -> conditioning
+        [B, P, D_L] of the next patch's bytes. Fixed shapes with DeviceKVCaches (see decode_local)."""
+        return self._run_global(x, caches)[:, 0]
 
     def start_patch(self, state: MegabyteState, k: int) -> None:
         """Run the global decoder for patch k (its input is patch k-1) and reset the local caches."""
+        P = self.config.patch_size
         if k == 0:
             tag = state.modality - self.config.first_tag_id  # checked by new_state
             x = self.pad_patch[tag][:, None]  # [B, 1, P*D_G]
         else:
-            x = self._embed_patches(state.patch_bytes, (k - 1) * self.config.patch_size)
-        state.local_cond.copy_(self._run_global(x, k, state.global_caches)[:, 0])  # [B, P, D_L]
+            cache = state.global_caches[0]
+            # a DeviceKVCache holds k on the device: a captured graph replays for every patch
+            start = (cache.pos - 1) * P if cache.static_shape else (k - 1) * P
+            x = self._embed_patches(state.patch_bytes, start)
+        state.local_cond.copy_(self.decode_global(x, state.global_caches))  # [B, P, D_L]
         self._reset_local(state, k)
 
     def _reset_local(self, state: MegabyteState, k: int) -> None:
@@ -374,11 +431,12 @@ class Megabyte(ByteLM):
                 h = blk.attn_norm(state.layer_inputs[i, :, P - r :])  # [B, r, D_L]
                 B = h.shape[0]
                 # [B, r, Hkv*Dh] -> [B, Hkv, r, Dh]
-                keys = attn.wk(h).view(B, r, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
-                vals = attn.wv(h).view(B, r, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
+                keys, vals = attn.project_kv(h)
+                keys = keys.view(B, r, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
+                vals = vals.view(B, r, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
                 if attn.rope is not None:
                     keys = attn.rope(keys, torch.arange(r, device=h.device))
-                cache.append(keys, vals)
+                cache.update(keys, vals)
 
     @torch.no_grad()
     def prefill(self, state: MegabyteState, ids: torch.Tensor) -> torch.Tensor:

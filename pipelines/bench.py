@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--text", default=None, help="file whose bytes fill the windows (default: random bytes)")
     g.add_argument("--steps", type=int, default=20, help="timed steps per model (default %(default)s)")
     g.add_argument("--warmup", type=int, default=5, help="untimed steps first (default %(default)s)")
-    g.add_argument("--compile", action="store_true", help="torch.compile each model")
+    g.add_argument("--compile", action="store_true",
+                   help="train: torch.compile each model (sample: see --no-compile)")
     g.add_argument("--train-batch-size", type=int, default=8, help="windows per step (default %(default)s)")
     g.add_argument("--json", default=None, help="also write the results to this JSON file")
     g = p.add_argument_group("sample (--what sample; --model also takes BACKBONE:PRESET or a checkpoint folder)")
@@ -66,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--uncached-bytes", type=int, default=512,
                    help="bytes per row timed for the uncached baseline and the like-for-like ratio (default %(default)s)")
     g.add_argument("--sample-batch-size", type=int, default=16, help="rows sampled together (default %(default)s)")
-    g.add_argument("--fp32", action="store_true", help="no bf16 autocast on GPU")
+    g.add_argument("--fp32", action="store_true", help="fp32 weights on GPU (default: bf16, as polybyte sample)")
+    g.add_argument("--no-compile", dest="sample_compile", action="store_false",
+                   help="do not torch.compile the decoding steps (default: compiled on GPU, as polybyte sample)")
     return p
 
 
@@ -204,22 +207,27 @@ def _sample_model(spec: str, device: torch.device):
 
 
 def bench_sample(spec: str, modality: str = "image", batch_size: int = 16, max_bytes: int = 12288,
-                 uncached_bytes: int = 512, bf16: bool | None = None) -> dict:  # fmt: skip
+                 uncached_bytes: int = 512, bf16: bool | None = None, compile: bool | None = None) -> dict:  # fmt: skip
     """Time batched sampling (``models.generate``) with caches against the uncached baseline
     (a full forward over the whole prefix per byte) on the current device, same model, same run.
 
-    Cached: ``batch_size`` rows x ``max_bytes`` bytes (capped by MEGABYTE's max_seq_len).
-    Uncached: the first ``uncached_bytes`` bytes only (its cost grows with the prefix), so the
-    cached run is also timed over that many bytes for a like-for-like ratio. Random weights
-    with BLT entropy patching get a threshold calibrated to the preset's mean patch length.
+    Cached: ``batch_size`` rows x ``max_bytes`` bytes (capped by MEGABYTE's max_seq_len), as
+    ``polybyte sample`` runs it: bf16 weights on GPU, CUDA graphs and (``compile``, default on
+    GPU) the compiled decoding steps; also timed before compiling (graphs only) and without
+    graphs. Uncached: the first ``uncached_bytes`` bytes only (its cost grows with the prefix),
+    so the cached run is also timed over that many bytes for a like-for-like ratio. Random
+    weights with BLT entropy patching get a threshold calibrated to the preset's mean patch length.
     """
     from polybyte.modalities import TAGS
     from polybyte.models.generate import generate
+    from polybyte.pipelines.sample import compile_decoding, prepare_model
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
     bf16 = cuda if bf16 is None else bf16
+    compile = cuda if compile is None else compile
     model, random_weights = _sample_model(spec, device)
+    model = prepare_model(model, device, "bf16" if bf16 else "fp32", compile=False)
     tag = TAGS[modality]
     if model.backbone == "megabyte":
         max_bytes = min(max_bytes, model.config.max_seq_len)
@@ -233,9 +241,8 @@ def bench_sample(spec: str, modality: str = "image", batch_size: int = 16, max_b
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            generate(model, tag, None, n, num=batch_size, seed=0, stop_at_eos=False, use_cache=use_cache,
-                     cuda_graphs=graphs)  # fmt: skip
+        generate(model, tag, None, n, num=batch_size, seed=0, stop_at_eos=False, use_cache=use_cache,
+                 cuda_graphs=graphs)  # fmt: skip
         if cuda:
             torch.cuda.synchronize()
         return time.perf_counter() - start
@@ -243,14 +250,20 @@ def bench_sample(spec: str, modality: str = "image", batch_size: int = 16, max_b
     warm = min(64, uncached_bytes)
     timed(warm, True)  # kernels, allocator, cuBLAS handles
     timed(warm, False)
-    cached_s = timed(max_bytes, True)
-    cached_short_s = timed(uncached_bytes, True)
     uncached_s = timed(uncached_bytes, False)
     eager_short_s = timed(uncached_bytes, True, graphs=False)  # caches, but no CUDA graphs
+    graphs_s = timed(max_bytes, True)  # caches and graphs, nothing compiled
+    compile_s = None
+    if compile and model.compilable_steps:
+        compile_decoding(model)
+        compile_s = timed(warm, True)
+    cached_s = timed(max_bytes, True) if compile_s is not None else graphs_s
+    cached_short_s = timed(uncached_bytes, True)
     return {
         "model": spec, "backbone": model.backbone, "params": model.num_params(), "device": str(device),
         "bf16": bf16, "batch_size": batch_size, "bytes": max_bytes, "uncached_bytes": uncached_bytes,
-        "cached_s": cached_s, "cached_bytes_per_s": batch_size * max_bytes / cached_s,
+        "compile_s": compile_s, "cached_s": cached_s, "cached_bytes_per_s": batch_size * max_bytes / cached_s,
+        "graphs_bytes_per_s": batch_size * max_bytes / graphs_s,
         "cached_short_bytes_per_s": batch_size * uncached_bytes / cached_short_s,
         "uncached_bytes_per_s": batch_size * uncached_bytes / uncached_s,
         "cached_eager_short_bytes_per_s": batch_size * uncached_bytes / eager_short_s,
@@ -260,15 +273,16 @@ def bench_sample(spec: str, modality: str = "image", batch_size: int = 16, max_b
 def print_sample(results: list[dict]) -> None:
     r0 = results[0]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    print(f"sampling on {device} ({'bf16 autocast' if r0['bf16'] else 'fp32'}), batch {r0['batch_size']}; "
+    print(f"sampling on {device} ({'bf16' if r0['bf16'] else 'fp32'} weights), batch {r0['batch_size']}; "
           f"uncached = full forward over the prefix per byte, timed over the first {r0['uncached_bytes']} bytes:")
-    print(f"{'model':<30} {'params':>8} {'bytes':>6} {'seconds':>8} {'cached B/s':>11} "
-          f"{'short: cached':>13} {'no graphs':>10} {'uncached':>9} {'ratio':>7}")
+    print(f"{'model':<30} {'params':>8} {'bytes':>6} {'compile s':>9} {'seconds':>8} {'cached B/s':>11} "
+          f"{'graphs only':>11} {'short: cached':>13} {'no graphs':>10} {'uncached':>9} {'ratio':>7}")
     for r in results:
         ratio = r["cached_short_bytes_per_s"] / r["uncached_bytes_per_s"]
-        print(f"{Path(r['model']).name:<30} {r['params'] / 1e6:>7.1f}M {r['bytes']:>6} {r['cached_s']:>8.2f} "
-              f"{r['cached_bytes_per_s']:>11,.0f} {r['cached_short_bytes_per_s']:>13,.0f} "
-              f"{r['cached_eager_short_bytes_per_s']:>10,.0f} "
+        compile_s = "-" if r["compile_s"] is None else f"{r['compile_s']:.1f}"
+        print(f"{Path(r['model']).name:<30} {r['params'] / 1e6:>7.1f}M {r['bytes']:>6} {compile_s:>9} "
+              f"{r['cached_s']:>8.2f} {r['cached_bytes_per_s']:>11,.0f} {r['graphs_bytes_per_s']:>11,.0f} "
+              f"{r['cached_short_bytes_per_s']:>13,.0f} {r['cached_eager_short_bytes_per_s']:>10,.0f} "
               f"{r['uncached_bytes_per_s']:>9,.0f} {ratio:>6.1f}x")  # fmt: skip
 
 
@@ -369,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             results = [
                 bench_sample(spec, args.modality, args.sample_batch_size, args.sample_bytes, args.uncached_bytes,
-                             bf16=False if args.fp32 else None)
+                             bf16=False if args.fp32 else None, compile=None if args.sample_compile else False)
                 for spec in args.model
             ]  # fmt: skip
         except (ValueError, FileNotFoundError) as e:

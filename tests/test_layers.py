@@ -130,6 +130,22 @@ def test_kv_cache_decoding_matches_full_causal_attention():
     assert (torch.cat(chunks, 1) - full).abs().max() < 1e-5
 
 
+def test_device_cache_decoding_matches_full_causal_attention():
+    """DeviceKVCache (fill level on the device, whole buffer attended with a slot mask): chunked
+    prefill then single steps equal full causal attention; a reset starts afresh."""
+    attn, x = attn_and_input()
+    B, T, _ = x.shape
+    full = attn(x)
+    cache = L.DeviceKVCache(B, 2, T + 5, 8, x.device, x.dtype)  # slack: unfilled slots are masked
+    for _ in range(2):
+        outs = [attn(x[:, :4], cache=cache)] + [attn(x[:, t : t + 1], cache=cache) for t in range(4, T)]
+        assert cache.length == T and cache.k.shape[2] == T + 5
+        assert (torch.cat(outs, 1) - full).abs().max() < 1e-5
+        cache.reset()
+    with pytest.raises(ValueError, match="masks by slot position itself"):
+        attn(x, cache=cache, mask_mod=L.causal_mask())
+
+
 @pytest.mark.parametrize("chunks", [[1] * 11, [5, 1, 3, 2], [11]])
 def test_windowed_cache_decoding_matches_full_sliding_window(chunks):
     attn, x = attn_and_input()
