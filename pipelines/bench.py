@@ -8,7 +8,8 @@ config given — the baseline measured in the same run (default: the flat transf
 ``--what sample`` times batched sampling with caches (``models/generate.py``) of each ``--model``
 (a config, ``BACKBONE:PRESET`` such as ``megabyte:base``, or a checkpoint folder) against the
 uncached baseline — a full forward over the whole prefix per byte — in the same run, and prints
-bytes/s of both and their ratio.
+bytes/s of both and their ratio. The cached path runs as ``polybyte sample`` does (bf16 weights,
+CUDA graphs, compiled decoding steps on GPU); it is also timed before compiling and without graphs.
 
 ``--what data`` times the training loader (decode, window, shuffle, mix, batch) on CPU and
 prints bytes/s and samples/s. With no ``--data`` it builds a small synthetic text/image/audio

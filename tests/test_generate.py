@@ -154,6 +154,31 @@ def test_stops_at_eos():
     assert len(never) == 20 and never[:3] == list(b"abc") and EOS not in never
 
 
+def test_megabyte_whole_patch_decoding_stops_at_eos_and_ends_mid_patch():
+    """MEGABYTE (P=4) trained on "abcdefghij" + EOS: after the first patch boundary whole patches
+    are decoded at once; EOS inside a patch ends the row there, and a length that is not a
+    multiple of P ends mid-patch (cached equals uncached)."""
+    torch.manual_seed(0)
+    model = Megabyte(MegabyteConfig(patch_size=4, max_seq_len=32))
+    ids = torch.tensor([[*b"abcdefghij", EOS, PAD]] * 4)
+    mod = torch.full((4,), TEXT)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(80):
+        loss, _ = model.loss(ids, mod)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    out = generate(model, TEXT, [b"", b"a", b"abcde"], max_bytes=20, temperature=0)
+    assert out == [list(b"abcdefghij"), list(b"bcdefghij"), list(b"fghij")]
+    for n in (6, 9, 13):
+        kw = dict(max_bytes=n, temperature=0, stop_at_eos=False)
+        seen = []
+        cached = generate(model, TEXT, [b"", b"ab"], progress=seen.append, **kw)
+        assert cached == generate(model, TEXT, [b"", b"ab"], use_cache=False, **kw)
+        assert [len(r) for r in cached] == [n, n] and sum(seen) == 2 * n
+
+
 def test_progress_counts_every_byte():
     seen = []
     generate(flat(), TEXT, PROMPTS, 70, temperature=0, stop_at_eos=False, progress=seen.append)
