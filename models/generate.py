@@ -236,7 +236,7 @@ def make_decoder(
 
     Returns an object with ``prefill(ids [B, n]) -> logits [B, n+1, V]`` (call once, first; n may
     be 0) and ``step(prev [B]) -> logits [B, V]`` (the next position, given the byte just fixed).
-    Backbones with fixed patches (MEGABYTE), given a ``sample``r, also decode a whole patch per
+    Backbones with fixed patches (MEGABYTE), given a sampler ``sample``, also decode a whole patch per
     call: ``block`` = P and ``decode_block(prev [B]) -> bytes [B, P]``, from a CUDA graph on CUDA
     when ``cuda_graphs``.
     """
@@ -293,14 +293,15 @@ class _Stateful:
 class _Patches(_Stateful):
     """MEGABYTE: after the prompt, a whole patch per ``decode_block`` (``Megabyte.decode_patch``).
     The state is sized to whole patches: the last one may run past ``max_len`` (dropped), and
-    its caches are DeviceKVCaches (fixed shapes: what CUDA graphs and torch.compile need). The
+    its caches are DeviceKVCaches (fixed shapes: what CUDA graphs and torch.compile need; the
+    global one spans max_seq_len, so every global step attends over that many masked slots). The
     patch's sampling noise [P, B, V] is drawn at once into a buffer (a CUDA graph's input)."""
 
     def __init__(self, model, modality: torch.Tensor, max_len: int, sample: _Sampler) -> None:
         self.block = P = model.config.patch_size
         super().__init__(model, modality, -(-max_len // P) * P, device_caches=True)
         self.sample = sample
-        self.noise = torch.zeros(P, len(modality), model.config.vocab_size, device=modality.device)
+        self.noise = torch.zeros(P, len(modality), model.config.vocab_size, device=modality.device, dtype=torch.float32)
 
     def _decode(self, prev: torch.Tensor) -> torch.Tensor:
         return self.model.decode_patch(self.state, prev, lambda logits, j: self.sample(logits, self.noise[j]))

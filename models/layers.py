@@ -41,8 +41,19 @@ class RoPE(nn.Module):
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"RoPE needs an even head dim, got {head_dim}")
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.head_dim, self.theta = head_dim, theta
+        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+
+    def _inv_freq(self, device=None) -> torch.Tensor:
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim
+        return 1.0 / (self.theta**exponents)
+
+    def _apply(self, fn, recurse=True):
+        # model.to(bfloat16) would round the frequencies (angles off by ~distance·2^-9 rad):
+        # they stay fp32, recomputed on the new device
+        super()._apply(fn, recurse)
+        self.inv_freq = self._inv_freq(self.inv_freq.device)
+        return self
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x [B, H, T, Dh]; positions [T] or [B, T] (integer) -> rotated x, same dtype."""
@@ -319,6 +330,10 @@ class DeviceKVCache(KVCache):
     def next_positions(self, n: int) -> torch.Tensor:
         return self.pos + self.slots[:n]
 
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """As ``update`` (the whole buffer, fixed shape), without the positions."""
+        return self.update(k, v)[:2]
+
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         idx = self.next_positions(k.shape[2])
         self.k.index_copy_(2, idx, k)
@@ -389,7 +404,8 @@ class Attention(nn.Module):
         when kv_positions is given (rotating the queries alone encodes nothing);
       mask_mod: a mask_mod or prepared AttentionMask (then ``causal`` is ignored);
       cache: KVCache, DeviceKVCache or WindowedKVCache of this layer. New keys/values are
-        appended and the queries attend over the cache. With ``causal=True`` and no mask_mod the causal mask is
+        appended and the queries attend over the cache. A DeviceKVCache (self-attention only,
+        no mask_mod) always masks causally by slot, whatever ``causal`` says. With ``causal=True`` and no mask_mod the causal mask is
         aligned to absolute positions (prefilling a chunk into a non-empty cache is correct);
         a WindowedKVCache applies its window itself (mask_mod must be None). A caller's
         mask_mod over a KVCache sees local query indices and cache key indices: pass
@@ -466,8 +482,8 @@ class Attention(nn.Module):
         v = v.view(B, Tk, self.n_kv_heads, self.head_dim).transpose(1, 2)
         static = getattr(cache, "static_shape", False)
         if static:  # fill level on the device: slot positions of the queries, read before update
-            if mask_mod is not None:
-                raise ValueError("a DeviceKVCache masks by slot position itself; pass mask_mod=None")
+            if mask_mod is not None or not self_attn:
+                raise ValueError("a DeviceKVCache is for self-attention and masks by slot position itself; pass mask_mod=None")
             q_slots = cache.next_positions(Tq)
         start = cache.length if cache is not None and not static else 0
         if self.rope is not None and (self_attn or kv_positions is not None):

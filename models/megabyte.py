@@ -115,7 +115,7 @@ class MegabyteState:
     modality: torch.Tensor  # [B] modality tag ids
     max_len: int  # most positions this state can decode
     pos: int  # next position to emit logits for
-    global_caches: list[KVCache]  # one per global layer, ceil(max_len / P) patches
+    global_caches: list[KVCache]  # one per global layer: ceil(max_len / P) patches, max_seq_len / P for DeviceKVCaches
     local_caches: list[KVCache]  # one per local layer, r + P bytes; reset every patch
     patch_bytes: torch.Tensor  # [B, P] ids of the patch being decoded (global input of the next)
     local_cond: torch.Tensor  # [B, P, D_L] projected global output for the current patch (updated in place)

@@ -144,6 +144,8 @@ def test_device_cache_decoding_matches_full_causal_attention():
         cache.reset()
     with pytest.raises(ValueError, match="masks by slot position itself"):
         attn(x, cache=cache, mask_mod=L.causal_mask())
+    with pytest.raises(ValueError, match="is for self-attention"):
+        attn(x, x, cache=cache)
 
 
 @pytest.mark.parametrize("chunks", [[1] * 11, [5, 1, 3, 2], [11]])
@@ -196,3 +198,16 @@ def test_rope_is_relative():
     assert torch.allclose(torch.stack(dots), dots[0].expand(3), atol=1e-5)
     with pytest.raises(ValueError, match="even head dim"):
         L.RoPE(7)
+
+
+def test_rope_frequencies_stay_fp32_when_the_model_is_cast():
+    """Sampling casts weights to bf16: RoPE's frequencies must not be rounded with them (a bf16
+    inv_freq turns a query-key distance of 1,500 into an angle error of ~0.7 rad)."""
+    attn, x = attn_and_input(T=40)
+    want = attn.rope.inv_freq.clone()
+    reference = attn(x)
+    attn.to(torch.bfloat16)
+    assert attn.rope.inv_freq.dtype == torch.float32 and torch.equal(attn.rope.inv_freq, want)
+    assert attn.wo.weight.dtype == torch.bfloat16
+    out = attn(x.bfloat16())
+    assert out.dtype == torch.bfloat16 and (out.float() - reference).abs().max() < 0.05
