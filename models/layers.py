@@ -87,6 +87,17 @@ class SwiGLU(nn.Module):
         gate, up = self.w13(x).chunk(2, dim=-1)  # [.., 2*hidden] -> 2 x [.., hidden]
         return self.w2(F.silu(gate) * up)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        _fuse_keys(state_dict, prefix, "w13", ["w1", "w3"])  # exports from before the fusion
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _fuse_keys(state_dict, prefix: str, fused: str, parts: list[str]) -> None:
+    """Old checkpoints hold separate projections: stack ``parts`` into ``fused`` in place."""
+    keys = [f"{prefix}{name}.weight" for name in parts]
+    if all(k in state_dict for k in keys) and f"{prefix}{fused}.weight" not in state_dict:
+        state_dict[f"{prefix}{fused}.weight"] = torch.cat([state_dict.pop(k) for k in keys])
+
 
 def swiglu_hidden(dim: int, multiple_of: int = 64) -> int:
     """Default SwiGLU width: 8/3·dim (same parameters as a 4·dim GELU MLP), rounded up."""
@@ -441,6 +452,14 @@ class Attention(nn.Module):
             self.wkv = nn.Linear(self.kv_dim, 2 * self.kv_size, bias=False)
         self.wo = nn.Linear(self.q_size, dim, bias=False)
         self.rope = rope
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # exports from before the fusion hold wq, wk, wv apart
+        if self.kv_dim == self.dim:
+            _fuse_keys(state_dict, prefix, "wqkv", ["wq", "wk", "wv"])
+        else:
+            _fuse_keys(state_dict, prefix, "wkv", ["wk", "wv"])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def project_q(self, x: torch.Tensor) -> torch.Tensor:
         """Queries [.., H·Dh] of x [.., dim]."""

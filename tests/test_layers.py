@@ -211,3 +211,33 @@ def test_rope_frequencies_stay_fp32_when_the_model_is_cast():
     assert attn.wo.weight.dtype == torch.bfloat16
     out = attn(x.bfloat16())
     assert out.dtype == torch.bfloat16 and (out.float() - reference).abs().max() < 0.05
+
+
+@pytest.mark.parametrize("kv_dim", [None, 24])
+def test_checkpoints_with_separate_projections_still_load(kv_dim):
+    """Exports written before q/k/v and w1/w3 were fused load into the fused layers unchanged."""
+    torch.manual_seed(0)
+    block = L.Block(32, 4, n_kv_heads=2)
+    attn = L.Attention(32, 4, n_kv_heads=2, kv_dim=kv_dim)
+    old = {}
+    for name, t in block.state_dict().items():  # split the fused matrices as old exports had them
+        if name.endswith("wqkv.weight"):
+            for part, w in zip(["wq", "wk", "wv"], t.split([32, 16, 16])):
+                old[name.replace("wqkv", part)] = w.clone()
+        elif name.endswith("w13.weight"):
+            for part, w in zip(["w1", "w3"], t.chunk(2)):
+                old[name.replace("w13", part)] = w.clone()
+        else:
+            old[name] = t.clone()
+    assert not any("wqkv" in k or "w13" in k for k in old)
+    fresh = L.Block(32, 4, n_kv_heads=2)
+    fresh.load_state_dict(old)
+    x = torch.randn(2, 5, 32)
+    assert torch.equal(fresh(x), block(x))
+    if kv_dim:  # cross-attention layout: wq and wkv
+        old = {"wq.weight": attn.wq.weight.clone(), "wo.weight": attn.wo.weight.clone()}
+        old.update({f"w{n}.weight": w.clone() for n, w in zip("kv", attn.wkv.weight.chunk(2))})
+        other = L.Attention(32, 4, n_kv_heads=2, kv_dim=kv_dim)
+        other.load_state_dict(old)
+        kv = torch.randn(2, 7, kv_dim)
+        assert torch.equal(other(x, kv, causal=False), attn(x, kv, causal=False))
