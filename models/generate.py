@@ -303,19 +303,20 @@ class _Patches(_Stateful):
         self.sample = sample
         self.noise = torch.zeros(P, len(modality), model.config.vocab_size, device=modality.device, dtype=torch.float32)
 
-    def _decode(self, prev: torch.Tensor) -> torch.Tensor:
-        return self.model.decode_patch(self.state, prev, lambda logits, j: self.sample(logits, self.noise[j]))
-
     def decode_block(self, prev: torch.Tensor) -> torch.Tensor:
+        self.model.check_patch_start(self.state)  # before anything runs (a graph replay checks nothing)
         self.sample.refill(self.noise)
-        return self._decode(prev)
+        return self._run(prev)
+
+    def _run(self, prev: torch.Tensor) -> torch.Tensor:
+        return self.model.decode_patch(self.state, prev, lambda logits, j: self.sample(logits, self.noise[j]))
 
 
 class _PatchGraph(_Patches):
     """MEGABYTE on CUDA: ``decode_patch`` (global step, P local steps and P samplings, ~1,000
     small kernels for the base model) captured once as a CUDA graph and replayed for every later
     patch; the host then launches one graph per patch instead of every kernel, which otherwise
-    bounds decoding. The global caches keep their fill level on the device so that the same graph
+    bounds decoding. The caches keep their fill level on the device so that the same graph
     serves every patch; inputs (the previous byte, the noise) and the output live in static
     buffers. The first patch runs eagerly (warm-up: cuBLAS handles, workspaces), the second is
     captured."""
@@ -327,33 +328,30 @@ class _PatchGraph(_Patches):
         self.out: torch.Tensor | None = None
         self.warmed_up = False
 
-    def _run(self) -> torch.Tensor:
-        out = self._decode(self.prev)
+    def _patch(self) -> torch.Tensor:
+        """What the graph holds: one patch from the static buffers, its last byte fed back."""
+        out = super()._run(self.prev)
         self.prev.copy_(out[:, -1])
         return out
 
-    def decode_block(self, prev: torch.Tensor) -> torch.Tensor:
-        state, P = self.state, self.block
-        t = state.pos
-        if t == 0 or t % P or t + P > state.max_len:
-            return super().decode_block(prev)  # raises decode_patch's error; no graph replayed
+    def _run(self, prev: torch.Tensor) -> torch.Tensor:
+        state, t = self.state, self.state.pos
         self.prev.copy_(prev)
-        self.sample.refill(self.noise)
         if not self.warmed_up:
             self.warmed_up = True
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side), _autocast_without_cache():  # as captured (compile guards)
-                out = self._run()
+                out = self._patch()
             torch.cuda.current_stream().wait_stream(side)
             return out
         if self.graph is None:
             self.graph = torch.cuda.CUDAGraph()
             with _autocast_without_cache(), torch.cuda.graph(self.graph):
-                self.out = self._run()
+                self.out = self._patch()
             state.pos = t  # the capture recorded this patch without running it: replayed below
         self.graph.replay()
-        state.pos = t + P
+        state.pos = t + self.block
         return self.out
 
 

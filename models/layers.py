@@ -297,10 +297,6 @@ class KVCache:
         self.length += T
         return self.k[:, :, : self.length], self.v[:, :, : self.length]
 
-    def next_positions(self, n: int) -> torch.Tensor:
-        """Absolute positions [n] of the next n steps."""
-        return torch.arange(self.length, self.length + n, device=self.k.device)
-
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Append; return all keys/values [B, Hkv, Tk, Dh] and their absolute positions [Tk]."""
         k, v = self.append(k, v)
@@ -317,7 +313,7 @@ class DeviceKVCache(KVCache):
     with ``index_copy_`` and returns the whole preallocated buffer (fixed shape), and the
     attention masks slots past the queries by position. Every step then launches the same
     kernels with the same shapes whatever the fill level: one CUDA graph serves all of them
-    (MEGABYTE's global model, once per patch). Overflowing is not checked (that would need a
+    (MEGABYTE's sampling, ``models/generate.py``). Overflowing is not checked (that would need a
     host sync); callers size it. Slots are positions: key slot s sits at position s.
     """
 
@@ -339,6 +335,7 @@ class DeviceKVCache(KVCache):
             self.pos.fill_(value)
 
     def next_positions(self, n: int) -> torch.Tensor:
+        """Slots (= positions) [n] of the next n steps, on the device."""
         return self.pos + self.slots[:n]
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -416,8 +413,8 @@ class Attention(nn.Module):
       mask_mod: a mask_mod or prepared AttentionMask (then ``causal`` is ignored);
       cache: KVCache, DeviceKVCache or WindowedKVCache of this layer. New keys/values are
         appended and the queries attend over the cache. A DeviceKVCache (self-attention only,
-        no mask_mod) always masks causally by slot, whatever ``causal`` says. With ``causal=True`` and no mask_mod the causal mask is
-        aligned to absolute positions (prefilling a chunk into a non-empty cache is correct);
+        no mask_mod) always masks causally by slot, whatever ``causal`` says. Otherwise, with
+        ``causal=True`` and no mask_mod the causal mask is aligned to absolute positions (prefilling a chunk into a non-empty cache is correct);
         a WindowedKVCache applies its window itself (mask_mod must be None). A caller's
         mask_mod over a KVCache sees local query indices and cache key indices: pass
         ``q_offset=cache.length`` (read before the call) to the mask helpers.

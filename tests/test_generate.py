@@ -133,19 +133,22 @@ def test_only_bytes_and_eos_are_sampled():
     assert generate(model, MODALITIES, PROMPTS, 50, seed=0) == [[]] * 4
 
 
-def test_stops_at_eos():
-    """A flat model trained on "abc" + EOS samples exactly "abc" and stops; rows stop separately."""
-    model = flat()
-    ids = torch.tensor([[*b"abc", EOS, PAD, PAD]] * 4)
-    mod = torch.full((4,), TEXT)
+def overfit(model, row: list[int], steps: int):
+    """Train ``model`` on 4 copies of one text row (AdamW, lr 1e-2); returned in eval mode."""
+    ids, mod = torch.tensor([row] * 4), torch.full((4,), TEXT)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model.train()
-    for _ in range(60):
+    for _ in range(steps):
         loss, _ = model.loss(ids, mod)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    model.eval()
+    return model.eval()
+
+
+def test_stops_at_eos():
+    """A flat model trained on "abc" + EOS samples exactly "abc" and stops; rows stop separately."""
+    model = overfit(flat(), [*b"abc", EOS, PAD, PAD], steps=60)
     out = generate(model, TEXT, [b"", b"a", b"ab"], max_bytes=20, temperature=0)
     assert out == [list(b"abc"), list(b"bc"), list(b"c")]
     capped = generate(model, TEXT, [b""], max_bytes=2, temperature=0)
@@ -159,16 +162,7 @@ def test_megabyte_whole_patch_decoding_stops_at_eos_and_ends_mid_patch():
     are decoded at once; EOS inside a patch ends the row there, and a length that is not a
     multiple of P ends mid-patch (cached equals uncached)."""
     torch.manual_seed(0)
-    model = Megabyte(MegabyteConfig(patch_size=4, max_seq_len=32))
-    ids = torch.tensor([[*b"abcdefghij", EOS, PAD]] * 4)
-    mod = torch.full((4,), TEXT)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(80):
-        loss, _ = model.loss(ids, mod)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+    model = overfit(Megabyte(MegabyteConfig(patch_size=4, max_seq_len=32)), [*b"abcdefghij", EOS, PAD], steps=80)
     out = generate(model, TEXT, [b"", b"a", b"abcde"], max_bytes=20, temperature=0)
     assert out == [list(b"abcdefghij"), list(b"bcdefghij"), list(b"fghij")]
     for n in (6, 9, 13):
