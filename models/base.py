@@ -39,8 +39,12 @@ class ByteLM(nn.Module, ABC):
 
     backbone: ClassVar[str]  # registry name, e.g. "transformer", "megabyte", "blt"
     # Methods doing one decoding step's device work at fixed shapes (no host syncs): a pipeline
-    # may torch.compile them for sampling (MEGABYTE: decode_global, decode_local).
+    # may torch.compile them for sampling (MEGABYTE: decode_global, decode_local; BLT:
+    # decode_front, decode_latent, decode_back).
     compilable_steps: ClassVar[tuple[str, ...]] = ()
+    # Of those, the ones whose shapes follow caches that grow while sampling (BLT's latent step):
+    # compiled with dynamic shapes, once, instead of once per cache size.
+    growing_steps: ClassVar[tuple[str, ...]] = ()
     config: ByteLMConfig
 
     def __init__(self) -> None:

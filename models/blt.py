@@ -32,18 +32,20 @@ predict byte t, with u_t = the tag (t = 0) or ids[t-1]:
 4. local decoder, one byte: ``decode(state of u_t, slots, patch id 0, positions=[t],
    caches=cache.decoder)`` -> logits of byte t.
 
-Rows of a batch close patches at different steps, so a batched generator runs step 3 for the
-rows that close one (their latent caches grow at different rates). ``new_state`` / ``step`` /
-``prefill`` do exactly that for ``models/generate.py``: whenever any row closes a patch the
-latent model takes one step for all rows, each at its own patch index (``RowKVCache``), and
-only the closing rows keep the result.
+Rows of a batch close patches at different steps. ``new_state`` / ``step`` / ``prefill`` /
+``decode_block`` (for ``models/generate.py``) therefore run step 3 for every row at every byte,
+each row at its own patch index (``RowKVCache``), and only the rows that close a patch keep
+the result; every step then has the same kernels and shapes, with no host sync (the patch
+decisions stay on the device), so one CUDA graph replays a block of steps. The pooling window
+is a ring of the last ``max_patch_len`` encoder states; the latent caches grow between blocks.
+With 16 rows and patches of ~4 bytes, a row closes a patch at almost every byte anyway.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +60,7 @@ from .layers import (
     Attention,
     AttentionMask,
     Block,
+    DeviceWindowedKVCache,
     KVCache,
     RMSNorm,
     RoPE,
@@ -71,6 +74,10 @@ from .transformer import Transformer, TransformerCache, TransformerConfig
 
 
 HASH_MODULUS = 2**31 - 1  # Mersenne prime: residues < 2^31, so a residue times an id fits in int64
+# Incremental decoding: bytes per decode_block call (one CUDA graph replay) and the latent
+# caches' first capacity in patches (they grow by half when a row may need more).
+DECODE_BLOCK = 16
+LATENT_MIN_CAPACITY = 128
 # One multiplier per hash function (primes < HASH_MODULUS, the first as in the paper's code).
 HASH_MULTIPLIERS = (1_000_000_007, 1_500_450_271, 1_100_000_009, 1_200_000_041,
                     1_300_000_003, 1_400_000_023, 1_600_000_009, 1_700_000_009)
@@ -324,33 +331,47 @@ class BLTCache:
 class RowKVCache:
     """KV cache of one latent layer whose rows hold different numbers of patches.
 
-    In batched generation rows close patches at different bytes. The latent model then runs
-    for every row at once, row b at its own patch index ``next_slot[b]``: its new key/value is
-    written at that slot and the caller passes the row mask (keys ``<= next_slot[b]``) and
-    ``length`` (``max(next_slot) + 1`` keys returned). The caller advances ``next_slot`` only
-    for the rows that closed a patch; the others computed a throwaway step, whose slot their
-    next real patch overwrites. Capacity doubles when a row needs more. Same ``update`` /
+    In batched generation rows close patches at different bytes. The latent model therefore
+    steps every row at every byte, row b at its own patch index ``next_slot[b]`` (a device
+    tensor, ``BLTState.num_patches``): its key/value is written at that slot and the caller
+    masks the keys after it. A row that closed no patch computed a throwaway step, whose slot
+    its next real patch overwrites. ``update`` returns all ``capacity`` slots: the shapes stay
+    fixed between ``grow`` calls, so a captured CUDA graph replays the step. Same ``update`` /
     ``length`` protocol as ``KVCache`` (``window`` None), so ``Attention`` uses it unchanged.
     """
 
     window = None
+    static_shape = False  # the caller passes the row mask itself
 
-    def __init__(self, B: int, n_kv_heads: int, head_dim: int, capacity: int, device, dtype) -> None:
-        self.k = torch.zeros(B, n_kv_heads, capacity, head_dim, device=device, dtype=dtype)
+    def __init__(self, next_slot: torch.Tensor, n_kv_heads: int, head_dim: int, capacity: int, dtype) -> None:
+        B, dev = next_slot.shape[0], next_slot.device
+        self.next_slot = next_slot  # [B] where each row writes (the caller advances it)
+        self.k = torch.zeros(B, n_kv_heads, capacity, head_dim, device=dev, dtype=dtype)
         self.v = torch.zeros_like(self.k)
-        self.next_slot = torch.zeros(B, dtype=torch.long, device=device)  # where each row writes
-        self.length = 0  # keys returned by update (max(next_slot) + 1), set by the caller
+        self.slots = torch.arange(capacity, device=dev)
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    length = capacity  # keys returned by update
+
+    def grow(self, capacity: int) -> None:
+        """Reallocate to ``capacity`` slots, keeping the cached ones (new addresses)."""
+        old = self.capacity
+        for name in ("k", "v"):
+            buf = getattr(self, name)
+            new = buf.new_zeros(*buf.shape[:2], capacity, buf.shape[3])  # [B, Hkv, capacity, Dh]
+            new[:, :, :old] = buf
+            setattr(self, name, new)
+        self.slots = torch.arange(capacity, device=self.k.device)
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One new step per row, k/v [B, Hkv, 1, Dh] -> keys/values [B, Hkv, length, Dh], positions."""
-        if self.length > self.k.shape[2]:  # grow: [B, Hkv, C, Dh] -> [B, Hkv, 2C, Dh]
-            grow = max(self.length, 2 * self.k.shape[2]) - self.k.shape[2]
-            self.k = torch.cat([self.k, self.k.new_zeros(*self.k.shape[:2], grow, self.k.shape[3])], dim=2)
-            self.v = torch.cat([self.v, self.v.new_zeros(*self.v.shape[:2], grow, self.v.shape[3])], dim=2)
+        """One new step per row, k/v [B, Hkv, 1, Dh] -> keys/values [B, Hkv, capacity, Dh], slots."""
         rows = torch.arange(k.shape[0], device=k.device)
         self.k[rows, :, self.next_slot] = k[:, :, 0]
         self.v[rows, :, self.next_slot] = v[:, :, 0]
-        return self.k[:, :, : self.length], self.v[:, :, : self.length], torch.arange(self.length, device=k.device)
+        return self.k, self.v, self.slots
 
 
 @dataclasses.dataclass
@@ -358,26 +379,35 @@ class BLTState:
     """Incremental-decoding state of a batch; create with ``BLT.new_state``.
 
     Every row sits at the same byte position ``pos`` (prompts of different lengths are
-    teacher-forced by the caller); rows differ in their patches.
+    teacher-forced by the caller); rows differ in their patches. Everything a step reads or
+    writes is a device tensor updated in place (``t`` mirrors ``pos``), so one captured CUDA
+    graph replays any number of steps; only the latent caches grow, between blocks of steps.
     """
 
     modality: torch.Tensor  # [B] modality tag ids
     max_len: int  # most positions this state can decode
-    pos: int  # next position to emit logits for
-    cache: BLTCache  # encoder / decoder / entropy caches; ``latent`` holds RowKVCaches
-    inputs: torch.Tensor  # [B, max_len] input stream: the tag, then byte t-1 at position t
-    enc_states: list[torch.Tensor]  # per pooled encoder layer [B, max_len, D_E]: states of every input
+    pos: int  # next position to emit logits for (host)
+    t: torch.Tensor  # 0-dim long: pos, on the device
+    cache: BLTCache  # Device* caches (encoder, decoder, entropy); ``latent`` holds RowKVCaches
+    history: torch.Tensor  # [B, H] the last H inputs (tag, bytes), -1 before the stream starts
+    enc_ring: list[torch.Tensor]  # per pooled encoder layer [B, R, D_E]: states of the last R inputs
+    ring_pos: torch.Tensor  # [R] input position held by each ring slot (-1 = empty)
     num_patches: torch.Tensor  # [B] patches started so far (= the latent slot of the next one)
     open_start: torch.Tensor  # [B] first input of the input patch being filled
     content_start: torch.Tensor  # [B] last start before max-length cuts (patching._cut_long)
-    entropy: torch.Tensor  # [B] entropy of the byte at pos - 1 (entropy_relative)
-    slots: torch.Tensor | None  # [B, k, D_D] decoder slots of each row's current patch
+    entropy: torch.Tensor  # [B] fp32 entropy of the byte at pos - 1 (entropy_relative)
+    slots: torch.Tensor  # [B, k, D_D] decoder slots of each row's current patch
+    reserved_to: int = 0  # host: the latent caches hold every patch of the positions before it
+    patch_bound: int = 0  # host: an upper bound of max(num_patches) at position reserved_to
 
 
 # --- the model --------------------------------------------------------------------------------
 @register_backbone("blt", BLTConfig)
 class BLT(ByteLM):
     """Byte Latent Transformer (see module docstring)."""
+
+    compilable_steps = ("decode_front", "decode_latent", "decode_back")
+    growing_steps = ("decode_latent",)  # its shapes follow the latent caches' capacity
 
     def __init__(self, config: BLTConfig) -> None:
         super().__init__()
@@ -559,7 +589,7 @@ class BLT(ByteLM):
         self,
         enc_states: torch.Tensor,
         slots: torch.Tensor,
-        patch_ids: torch.Tensor,
+        patch_ids: torch.Tensor | None,
         positions: torch.Tensor | None = None,
         caches: list[WindowedKVCache] | None = None,
     ) -> torch.Tensor:
@@ -572,7 +602,8 @@ class BLT(ByteLM):
         def state_before_own_patch(b, h, q_idx, kv_idx):
             return kv_idx // k == patch_ids[b, q_idx]
 
-        cross_mask = prepare_mask(state_before_own_patch, B, n, slots.shape[1], slots.device)
+        # no patch ids: one byte per row reading all k slots (incremental decoding)
+        cross_mask = None if patch_ids is None else prepare_mask(state_before_own_patch, B, n, slots.shape[1], slots.device)
         self_mask = None if caches else _local_mask(self.config.decoder.window, n, enc_states.device)
         h = self.enc_to_dec(enc_states)
         for i, block in enumerate(self.dec_blocks):
@@ -599,34 +630,55 @@ class BLT(ByteLM):
         return logits
 
     # --- incremental decoding -----------------------------------------------------------------
-    def new_state(self, modality: torch.Tensor, max_len: int, dtype: torch.dtype | None = None) -> BLTState:
+    @property
+    def decode_block_size(self) -> int:
+        """Bytes per ``decode_block`` call (one CUDA graph replay in models/generate.py)."""
+        return DECODE_BLOCK
+
+    def new_state(
+        self, modality: torch.Tensor, max_len: int, dtype: torch.dtype | None = None, device_caches: bool = True
+    ) -> BLTState:
         """Empty decoding state for rows with tags ``modality`` [B] (its device is used), able to
-        decode ``max_len`` positions. Cache ``dtype`` defaults to the weights'."""
+        decode ``max_len`` positions. Cache ``dtype`` defaults to the weights'. The caches are
+        always the fixed-shape device kind (``device_caches`` is accepted for the common
+        signature of the backbones)."""
         c = self.config
         B, dev = modality.shape[0], modality.device
         dtype = dtype or self.head.weight.dtype
-        cache = self.new_cache(B, 1, dev, dtype)
+
+        def windowed(local: LocalConfig) -> list[DeviceWindowedKVCache]:
+            hd = local.dim // local.n_heads
+            return [DeviceWindowedKVCache(B, local.n_heads, local.window, hd, dev, dtype) for _ in range(local.n_layers)]
+
         G = c.latent
-        capacity = min(max_len + 1, 2 * max_len // c.patcher.patch_size + 16)  # grows if needed
-        cache.latent = [
-            RowKVCache(B, G.n_kv_heads or G.n_heads, G.dim // G.n_heads, capacity, dev, dtype)
+        num_patches = torch.zeros(B, dtype=torch.long, device=dev)
+        capacity = min(max_len + 1, LATENT_MIN_CAPACITY)  # grown by reserve_patches
+        latent = [
+            RowKVCache(num_patches, G.n_kv_heads or G.n_heads, G.dim // G.n_heads, capacity, dtype)
             for _ in range(G.n_layers)
         ]
-        inputs = torch.full((B, max_len), c.pad_id, dtype=torch.long, device=dev)
-        inputs[:, 0] = modality
-        zeros = torch.zeros(B, dtype=torch.long, device=dev)
+        entropy = None
+        if c.patcher.needs_entropies:
+            entropy = self.entropy_model.new_cache(B, device=dev, dtype=dtype, device_caches=True)
+        # An input patch spans at most max_patch_len inputs (patches are cut at that length):
+        # the ring of encoder states that pooling reads needs no more. (Not capped by max_len:
+        # the compiled steps see the same shapes for every sample length.)
+        R = c.patcher.max_patch_len or max_len
+        H = max(max(c.hash_ngrams.sizes), 2)  # n-gram hashes and the patch rules look back this far
         return BLTState(
             modality=modality,
             max_len=max_len,
             pos=0,
-            cache=cache,
-            inputs=inputs,
-            enc_states=[torch.zeros(B, max_len, c.encoder.dim, device=dev, dtype=dtype) for _ in self.enc_cross],
-            num_patches=zeros,
-            open_start=zeros.clone(),
-            content_start=zeros.clone(),
+            t=torch.zeros((), dtype=torch.long, device=dev),
+            cache=BLTCache(windowed(c.encoder), latent, windowed(c.decoder), entropy),
+            history=torch.full((B, H), -1, dtype=torch.long, device=dev),
+            enc_ring=[torch.zeros(B, R, c.encoder.dim, device=dev, dtype=dtype) for _ in self.enc_cross],
+            ring_pos=torch.full((R,), -1, dtype=torch.long, device=dev),
+            num_patches=num_patches,
+            open_start=torch.zeros_like(num_patches),
+            content_start=torch.zeros_like(num_patches),
             entropy=torch.zeros(B, device=dev),
-            slots=None,
+            slots=torch.zeros(B, c.cross_attn_k, c.decoder.dim, device=dev, dtype=dtype),
         )
 
     @torch.no_grad()
@@ -634,96 +686,153 @@ class BLT(ByteLM):
         """Logits [B, V] for position ``state.pos``, given ``prev`` [B] = the bytes at position
         ``state.pos - 1`` (None exactly when ``state.pos == 0``); advances ``state.pos`` by one.
 
-        The recipe of the module docstring, batched: the entropy model and the local encoder
-        take input ``pos``, the rows whose byte ``pos`` starts a patch pool their closed input
-        patch and the latent model runs one step (all rows, masked per row), the local decoder
-        emits the logits.
+        The recipe of the module docstring, batched at fixed shapes: the entropy model and the
+        local encoder take input ``pos``; the latent model steps every row at its own patch
+        index and only the rows whose byte ``pos`` starts a patch keep the result; the local
+        decoder emits the logits.
         """
-        t, c = state.pos, self.config
+        t = state.pos
         if (prev is None) != (t == 0):
             raise ValueError(f"step at position {t}: prev must be {'None' if t == 0 else 'the byte at t-1 [B]'}")
         if t >= state.max_len:
             raise ValueError(f"state is full: max_len {state.max_len} positions decoded")
-        if prev is not None:
-            state.inputs[:, t] = prev
-        u = state.inputs[:, t : t + 1]  # [B, 1]
-        positions = torch.tensor([t], device=u.device)
+        self.reserve_patches(state, t + 1)
+        logits = self._decode_step(state, state.modality if prev is None else prev)
+        state.pos = t + 1
+        return logits
+
+    def prepare_block(self, state: BLTState) -> bool:
+        """Host-side preparation of ``decode_block`` at ``state.pos`` (raises if it cannot run):
+        makes the latent caches hold its patches. True when they were reallocated, i.e. a CUDA
+        graph captured before must be captured again. Calling it again changes nothing."""
+        t, n = state.pos, self.decode_block_size
+        if t == 0:
+            raise ValueError("decode_block needs the byte before it: start with step or prefill")
+        if t + n > state.max_len:
+            raise ValueError(f"state is full: position {t} + block of {n} > max_len {state.max_len}")
+        return self.reserve_patches(state, t + n)
+
+    def decode_block(
+        self, state: BLTState, prev: torch.Tensor, sample: Callable[[torch.Tensor, int], torch.Tensor]
+    ) -> torch.Tensor:
+        """Decode ``decode_block_size`` bytes from ``state.pos``: byte j drawn by
+        ``sample(logits [B, V], j) -> ids [B]`` and fed to step j+1. ``prev`` [B]: the bytes at
+        ``state.pos - 1``. Returns the bytes [B, n] and advances ``state.pos`` by n.
+
+        After ``prepare_block`` the host does the same thing for every block, with no syncs and
+        fixed shapes: one CUDA graph captured on any block replays every later one until the
+        latent caches grow (``models/generate.py``)."""
+        self.prepare_block(state)
+        out = []
+        for j in range(self.decode_block_size):
+            prev = sample(self._decode_step(state, prev), j)
+            out.append(prev)
+        state.pos += self.decode_block_size
+        return torch.stack(out, 1)  # n x [B] -> [B, n]
+
+    def reserve_patches(self, state: BLTState, until: int) -> bool:
+        """Make the latent caches hold every patch the steps before position ``until`` may start
+        (each step starts at most one per row). The host keeps an upper bound of the patch
+        count and reads the true one (a sync) only when the bound exceeds the capacity; then
+        the caches grow by half. True when they were reallocated."""
+        if until <= state.reserved_to:
+            return False
+        capacity, moved = state.cache.latent[0].capacity, False
+        bound = state.patch_bound + until - state.reserved_to
+        if bound > capacity:
+            bound = int(state.num_patches.max()) + until - state.pos
+            if bound > capacity:  # at most max_len + 1 slots: one patch per position, one throwaway
+                capacity = min(max(bound, capacity * 3 // 2), state.max_len + 1)
+                for cache in state.cache.latent:
+                    cache.grow(capacity)
+                moved = True
+        state.patch_bound, state.reserved_to = bound, until
+        return moved
+
+    def _decode_step(self, state: BLTState, u: torch.Tensor) -> torch.Tensor:
+        """One position: input u [B] (the tag at position 0, else the previous byte) -> logits [B, V]."""
+        starts, pooled, enc = self.decode_front(state, u.contiguous())  # one layout for compiled steps
+        return self.decode_back(state, self.decode_latent(state, pooled), starts, enc)
+
+    def decode_front(self, state: BLTState, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Device work of a step before the latent model, at fixed shapes (a pipeline may
+        torch.compile it): the entropy model and the local encoder take input u [B] at
+        position ``t``; whether byte t starts a patch; the open input patch (inputs
+        ``open_start``..t) pooled. -> (starts [B] bool, pooled [B, 1, D_G], encoder state [B, 1, D_E])."""
+        c = self.config
+        t, hist = state.t, state.history
+        hist.copy_(torch.cat([hist[:, 1:], u[:, None].to(hist.dtype)], dim=1))  # [B, H]: newest last
         entropy = None
         if c.patcher.needs_entropies:
-            entropy = step_entropies(self.entropy_model, u, state.cache.entropy)[:, 0]
-        starts = self._step_starts(state, t, entropy)
-        # local encoder, one input (hash n-grams see the inputs before it)
+            entropy = step_entropies(self.entropy_model, u[:, None], state.cache.entropy)[:, 0]
+        starts = self._starts(state, entropy)
         n_max = max(c.hash_ngrams.sizes)
-        x = self.embed(u, history=state.inputs[:, max(0, t - n_max + 1) : t])
-        states = self.encode_bytes(x, positions, state.cache.encoder)
-        for buf, h in zip(state.enc_states, states[-len(self.enc_cross) :]):
-            buf[:, t] = h[:, 0]
-        # strided boundaries are known on the host (the same in every row): no sync between them
-        if c.patcher.kind != "strided" or t % c.patcher.patch_size == 0 or c.patcher.max_patch_len:
-            # one device -> host transfer: any row closing, oldest open input, most patches so far
-            summary = torch.stack([starts.any().long(), state.open_start.min(), state.num_patches.max()])
-            closing, first, most = summary.tolist()
-            if closing:
-                self._close_patches(state, t, starts, first, most + 1)
-        logits = self.decode(
-            states[-1], state.slots, torch.zeros_like(u), positions, state.cache.decoder
-        )  # [B, 1, V]
-        state.pos = t + 1
+        x = self.embed(hist[:, -1:], history=hist[:, hist.shape[1] - n_max : -1])  # [B, 1, D_E]
+        states = self.encode_bytes(x, caches=state.cache.encoder)
+        slot = (t % state.ring_pos.shape[0])[None]  # [1]
+        for ring, h in zip(state.enc_ring, states[-len(self.enc_cross) :]):
+            ring.index_copy_(1, slot, h.to(ring.dtype))
+        state.ring_pos.index_copy_(0, slot, t[None])
+        outside = (state.ring_pos[None, :] < state.open_start[:, None]).long()  # [B, R]: 0 = open patch
+        pooled = self.encode_patches(state.enc_ring, outside, 1)  # [B, 1, D_G]; id 1 is ignored
+        return starts, pooled, states[-1]
+
+    def decode_latent(self, state: BLTState, pooled: torch.Tensor) -> torch.Tensor:
+        """One latent step of every row at its own patch index, over the latent caches: pooled
+        [B, 1, D_G] -> [B, 1, D_G] (before the final norm). Its shapes follow the caches'
+        capacity (compilable with dynamic shapes: ``growing_steps``)."""
+        slot = state.num_patches
+        keys = state.cache.latent[0].slots
+        mask = AttentionMask(1, len(keys), dense=(keys <= slot[:, None])[:, None, None, :])  # [B, 1, 1, C]
+        x = pooled
+        for block, cache in zip(self.latent_blocks, state.cache.latent):
+            x = block(x, positions=slot[:, None], mask_mod=mask, causal=True, cache=cache)
+        return x
+
+    def decode_back(
+        self, state: BLTState, latent: torch.Tensor, starts: torch.Tensor, enc: torch.Tensor
+    ) -> torch.Tensor:
+        """Device work of a step after the latent model, at fixed shapes (compilable): the rows
+        that start a patch take its decoder slots and close their input patch; the local
+        decoder reads encoder state ``enc`` [B, 1, D_E] -> logits [B, V]; ``t`` advances."""
+        new = self.decoder_slots(self.latent_norm(latent))  # [B, k, D_D]
+        state.slots.copy_(torch.where(starts[:, None, None], new.to(state.slots.dtype), state.slots))
+        state.num_patches.add_(starts.long())
+        state.open_start.copy_(torch.where(starts, state.t + 1, state.open_start))
+        logits = self.decode(enc, state.slots, None, caches=state.cache.decoder)  # [B, 1, V]
+        state.t.add_(1)
         return logits[:, 0]
 
-    def _step_starts(self, state: BLTState, t: int, entropy: torch.Tensor | None) -> torch.Tensor:
+    def _starts(self, state: BLTState, entropy: torch.Tensor | None) -> torch.Tensor:
         """Whether byte t starts a patch, per row [B] bool: ``patching.patch_starts`` evaluated
-        at its newest position only, from bytes < t and the entropy of byte t."""
-        p = self.config.patcher
-        B, dev = state.inputs.shape[0], state.inputs.device
+        at its newest position only, from bytes < t and the entropy of byte t (device ops only)."""
+        p, t = self.config.patcher, state.t
+        B = state.history.shape[0]
         if p.kind == "strided":
-            start = t % p.patch_size == 0 or (p.max_patch_len is not None and t % p.patch_size % p.max_patch_len == 0)
-            return torch.full((B,), start, dtype=torch.bool, device=dev)
-        none = torch.full((B,), -1, dtype=torch.long, device=dev)  # before the row's start
-        prev = state.inputs[:, t] if t >= 1 else none  # byte t-1 (input t)
-        prev2 = state.inputs[:, t - 1] if t >= 2 else none  # byte t-2
+            start = t % p.patch_size == 0
+            if p.max_patch_len is not None:
+                start = start | (t % p.patch_size % p.max_patch_len == 0)
+            return start.expand(B)
+        prev = torch.where(t >= 1, state.history[:, -1], -1)  # byte t-1 (input t); -1 before the start
+        prev2 = torch.where(t >= 2, state.history[:, -2], -1)  # byte t-2
         if p.kind == "space":
             start = patching.is_space_like(prev) & ~patching.is_space_like(prev2)
         else:
             score = entropy.float()
             if p.kind == "entropy_relative":
                 score = score - state.entropy
-            state.entropy = entropy.float()
+            state.entropy.copy_(entropy)
             start = score > p.threshold
         if p.split_after_special:
-            start |= (prev >= patching.NUM_BYTES) & (prev != p.pad_id)
+            start = start | ((prev >= patching.NUM_BYTES) & (prev != p.pad_id))
         not_after_pad = prev != p.pad_id
-        if p.first_patch_len_one and t == 1:
-            start = torch.ones_like(start)
-        start &= not_after_pad
-        if t == 0:
-            start = torch.ones_like(start)
+        if p.first_patch_len_one:
+            start = start | (t == 1)
+        start = (start & not_after_pad) | (t == 0)
         if p.max_patch_len is not None:
-            state.content_start = torch.where(start, t, state.content_start)
-            start |= ((t - state.content_start) % p.max_patch_len == 0) & not_after_pad
+            state.content_start.copy_(torch.where(start, t, state.content_start))
+            start = start | (((t - state.content_start) % p.max_patch_len == 0) & not_after_pad)
         return start
-
-    def _close_patches(self, state: BLTState, t: int, starts: torch.Tensor, first: int, kv_len: int) -> None:
-        """Rows where byte t starts a patch: pool their input patch (inputs open_start..t), one
-        latent step at their own patch index, new decoder slots. ``first``: the oldest input of
-        any row's open patch; ``kv_len``: max(num_patches) + 1."""
-        dev = starts.device
-        pos = torch.arange(first, t + 1, device=dev)
-        outside = (pos < state.open_start[:, None]).long()  # [B, n]: patch id 0 = the row's open patch
-        used = [buf[:, first : t + 1] for buf in state.enc_states]
-        pooled = self.encode_patches(used, outside, 1)  # [B, 1, D_G]; id 1 is ignored
-        # latent step: row b at patch index num_patches[b], attending to its own patches only
-        slot = state.num_patches
-        keys = torch.arange(kv_len, device=dev)
-        mask = AttentionMask(1, kv_len, dense=(keys <= slot[:, None])[:, None, None, :])  # [B, 1, 1, Tk]
-        x = pooled
-        for block, cache in zip(self.latent_blocks, state.cache.latent):
-            cache.next_slot, cache.length = slot, kv_len
-            x = block(x, positions=slot[:, None], mask_mod=mask, causal=True, cache=cache)
-        slots = self.decoder_slots(self.latent_norm(x))  # [B, k, D_D]
-        state.slots = slots if state.slots is None else torch.where(starts[:, None, None], slots, state.slots)
-        state.num_patches = slot + starts.long()
-        state.open_start = torch.where(starts, t + 1, state.open_start)
 
     @torch.no_grad()
     def prefill(self, state: BLTState, ids: torch.Tensor) -> torch.Tensor:

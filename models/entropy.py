@@ -12,7 +12,6 @@ one sequence, no cross-row normalisation), which the tests check against single-
 from __future__ import annotations
 
 import torch
-from torch.distributions import Categorical
 
 from .base import ByteLM
 from .transformer import Transformer, TransformerCache, TransformerConfig, transformer_preset
@@ -31,7 +30,9 @@ def byte_entropies(logits: torch.Tensor) -> torch.Tensor:
 
     logits [..., V] -> [...]. -inf logits (impossible tokens) contribute 0, not NaN.
     """
-    return Categorical(logits=logits.float(), validate_args=False).entropy()
+    # written out rather than torch.distributions.Categorical, which torch.compile does not trace
+    logp = logits.float().log_softmax(-1)
+    return -(logp.exp() * logp.clamp_min(torch.finfo(torch.float32).min)).sum(-1)
 
 
 @torch.no_grad()

@@ -12,8 +12,9 @@ Each backbone decodes incrementally through a small decoder object with two call
 * flat transformer: ``new_cache`` / ``prefill`` / ``forward_step`` (per-layer KV caches);
 * MEGABYTE and BLT: ``new_state`` / ``prefill`` / ``step`` on the model (global or latent model
   once per patch, local models once per byte; see their modules);
-* MEGABYTE, once no row is inside its prompt and at a patch boundary: ``decode_patch``, a whole
-  patch per call with sampling inside, which on CUDA is one replay of a captured CUDA graph;
+* MEGABYTE and BLT, once no row is inside its prompt (and at a multiple of the block):
+  ``prepare_block`` / ``decode_block``, a block of bytes per call with sampling inside (MEGABYTE:
+  one patch; BLT: 16 bytes), which on CUDA is one replay of a captured CUDA graph;
 * ``use_cache=False``: every step reruns the full forward over the whole prefix — the reference
   that tests compare the caches against and ``polybyte bench --what sample`` times.
 
@@ -62,8 +63,8 @@ def generate(
     seed: seeds a generator of its own (reproducible samples); None uses torch's global RNG.
     stop_at_eos: a row stops after sampling EOS (not included in its output); False forbids EOS,
       so every row gets exactly ``max_bytes`` bytes.
-    cuda_graphs: on CUDA, decode MEGABYTE a patch at a time from one captured CUDA graph (same
-      numbers, one launch per patch instead of ~1,000 kernel launches).
+    cuda_graphs: on CUDA, decode MEGABYTE and BLT a block at a time from one captured CUDA graph
+      (same numbers, one launch per block instead of thousands of kernel launches).
     progress: called now and then with the number of bytes generated since its last call.
     Returns one list of new ids (0..255) per row. Runs under autocast if the caller enables it.
     """
@@ -90,6 +91,8 @@ def generate(
     for i, r in enumerate(rows):
         if r and not 0 <= min(r) <= max(r) < vocab:
             raise ValueError(f"prompt {i} holds ids outside 0..{vocab - 1}")
+        if model.config.pad_id in r:  # BLT's decoding state bounds patch lengths, which PAD breaks
+            raise ValueError(f"prompt {i} holds PAD ({model.config.pad_id}): padding is never inside a stream")
     B = len(rows)
     modality = _modality_tensor(modality, B, device)
     lengths = [len(r) for r in rows]
@@ -127,7 +130,7 @@ def generate(
             reported = t
             return t >= total or (stop_at_eos and bool((finished | (row_end <= t)).all()))
 
-        # byte by byte: prompts (forced bytes) and up to the first patch boundary
+        # byte by byte: prompts (forced bytes) and up to the first multiple of the block
         logits = dec.prefill(ids[:, :shortest])[:, -1]  # [B, V]: distribution of byte `shortest`
         t = shortest  # position of the next byte to fix
         done = False
@@ -143,12 +146,12 @@ def generate(
             if done or (block and t >= longest and t % block == 0):
                 break
             logits = dec.step(nxt)
-        # a whole patch per call (sampling included), once no row is inside its prompt
+        # a whole block per call (sampling included), once no row is inside its prompt
         while not done:
             for _ in range(-(-CHECK_EVERY // block)):
                 out = dec.decode_block(nxt)  # [B, block]: bytes t .. t+block-1
                 nxt = out[:, -1]
-                n = min(block, total - t)  # the last patch may run past total: dropped
+                n = min(block, total - t)  # the last block may run past total: dropped
                 ids[:, t : t + n] = out[:, :n]
                 if stop_at_eos:
                     finished |= (out == EOS_ID).any(-1)
@@ -236,16 +239,16 @@ def make_decoder(
 
     Returns an object with ``prefill(ids [B, n]) -> logits [B, n+1, V]`` (call once, first; n may
     be 0) and ``step(prev [B]) -> logits [B, V]`` (the next position, given the byte just fixed).
-    Backbones with fixed patches (MEGABYTE), given a sampler ``sample``, also decode a whole patch per
-    call: ``block`` = P and ``decode_block(prev [B]) -> bytes [B, P]``, from a CUDA graph on CUDA
-    when ``cuda_graphs``.
+    Backbones with ``decode_block`` (MEGABYTE, BLT), given a sampler ``sample``, also decode a
+    block of bytes per call (sampling included): ``block`` = the model's ``decode_block_size``
+    and ``decode_block(prev [B]) -> bytes [B, block]``, from a CUDA graph on CUDA when ``cuda_graphs``.
     """
     if not use_cache:
         return _FullForward(model, modality, max_len)
-    if hasattr(model, "decode_patch") and sample is not None:
+    if hasattr(model, "decode_block") and sample is not None:
         if cuda_graphs and modality.device.type == "cuda":
-            return _PatchGraph(model, modality, max_len, sample)
-        return _Patches(model, modality, max_len, sample)
+            return _BlockGraph(model, modality, max_len, sample)
+        return _Blocks(model, modality, max_len, sample)
     if hasattr(model, "new_state"):
         return _Stateful(model, modality, max_len)
     if hasattr(model, "new_cache"):
@@ -290,36 +293,40 @@ class _Stateful:
         return self.model.step(self.state, prev)
 
 
-class _Patches(_Stateful):
-    """MEGABYTE: after the prompt, a whole patch per ``decode_block`` (``Megabyte.decode_patch``).
-    The state is sized to whole patches: the last one may run past ``max_len`` (dropped), and
-    its caches are DeviceKVCaches (fixed shapes: what CUDA graphs and torch.compile need; the
-    global one spans max_seq_len, so every global step attends over that many masked slots). The
-    patch's sampling noise [P, B, V] is drawn at once into a buffer (a CUDA graph's input)."""
+class _Blocks(_Stateful):
+    """MEGABYTE and BLT after the prompt: ``decode_block_size`` bytes per ``decode_block`` call
+    (the model's ``prepare_block`` then ``decode_block``, sampling included; MEGABYTE: one
+    patch). The state is sized to whole blocks: the last one may run past ``max_len``
+    (dropped), and its caches have fixed shapes (``device_caches``: what CUDA graphs and
+    torch.compile need). The block's sampling noise [n, B, V] is drawn at once into a buffer
+    (a CUDA graph's input)."""
 
     def __init__(self, model, modality: torch.Tensor, max_len: int, sample: _Sampler) -> None:
-        self.block = P = model.config.patch_size
-        super().__init__(model, modality, -(-max_len // P) * P, device_caches=True)
+        self.block = n = model.decode_block_size
+        super().__init__(model, modality, -(-max_len // n) * n, device_caches=True)
         self.sample = sample
-        self.noise = torch.zeros(P, len(modality), model.config.vocab_size, device=modality.device, dtype=torch.float32)
+        self.noise = torch.zeros(n, len(modality), model.config.vocab_size, device=modality.device, dtype=torch.float32)
 
     def decode_block(self, prev: torch.Tensor) -> torch.Tensor:
-        self.model.check_patch_start(self.state)  # before anything runs (a graph replay checks nothing)
+        # host-side checks and cache growth before anything runs (a graph replay does neither)
+        moved = self.model.prepare_block(self.state)
         self.sample.refill(self.noise)
-        return self._run(prev)
+        return self._run(prev, moved)
 
-    def _run(self, prev: torch.Tensor) -> torch.Tensor:
-        return self.model.decode_patch(self.state, prev, lambda logits, j: self.sample(logits, self.noise[j]))
+    def _run(self, prev: torch.Tensor, moved: bool = False) -> torch.Tensor:
+        return self.model.decode_block(self.state, prev, lambda logits, j: self.sample(logits, self.noise[j]))
 
 
-class _PatchGraph(_Patches):
-    """MEGABYTE on CUDA: ``decode_patch`` (global step, P local steps and P samplings, ~1,000
-    small kernels for the base model) captured once as a CUDA graph and replayed for every later
-    patch; the host then launches one graph per patch instead of every kernel, which otherwise
-    bounds decoding. The caches keep their fill level on the device so that the same graph
-    serves every patch; inputs (the previous byte, the noise) and the output live in static
-    buffers. The first patch runs eagerly (warm-up: cuBLAS handles, workspaces), the second is
-    captured."""
+class _BlockGraph(_Blocks):
+    """On CUDA: ``decode_block`` (MEGABYTE: global step, P local steps and P samplings, ~1,000
+    small kernels for the base model; BLT: 16 bytes of entropy model, encoder, latent step and
+    decoder) captured once as a CUDA graph and replayed for every later block; the host then
+    launches one graph per block instead of every kernel, which otherwise bounds decoding. The
+    caches keep their fill level on the device so that the same graph serves every block;
+    inputs (the previous byte, the noise) and the output live in static buffers. The first
+    block runs eagerly (warm-up: cuBLAS handles, workspaces), the second is captured. When the
+    model reallocates its caches (BLT's latent caches grow), the graph is dropped and the same
+    two steps repeat."""
 
     def __init__(self, model, modality: torch.Tensor, max_len: int, sample: _Sampler) -> None:
         super().__init__(model, modality, max_len, sample)
@@ -328,28 +335,30 @@ class _PatchGraph(_Patches):
         self.out: torch.Tensor | None = None
         self.warmed_up = False
 
-    def _patch(self) -> torch.Tensor:
-        """What the graph holds: one patch from the static buffers, its last byte fed back."""
+    def _block(self) -> torch.Tensor:
+        """What the graph holds: one block from the static buffers, its last byte fed back."""
         out = super()._run(self.prev)
         self.prev.copy_(out[:, -1])
         return out
 
-    def _run(self, prev: torch.Tensor) -> torch.Tensor:
+    def _run(self, prev: torch.Tensor, moved: bool = False) -> torch.Tensor:
         state, t = self.state, self.state.pos
         self.prev.copy_(prev)
+        if moved:  # the graph reads buffers that no longer exist
+            self.graph, self.out, self.warmed_up = None, None, False
         if not self.warmed_up:
             self.warmed_up = True
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side), _autocast_without_cache():  # as captured (compile guards)
-                out = self._patch()
+                out = self._block()
             torch.cuda.current_stream().wait_stream(side)
             return out
         if self.graph is None:
             self.graph = torch.cuda.CUDAGraph()
             with _autocast_without_cache(), torch.cuda.graph(self.graph):
-                self.out = self._patch()
-            state.pos = t  # the capture recorded this patch without running it: replayed below
+                self.out = self._block()
+            state.pos = t  # the capture recorded this block without running it: replayed below
         self.graph.replay()
         state.pos = t + self.block
         return self.out

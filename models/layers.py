@@ -237,6 +237,7 @@ def masked_attention(
     *,
     causal: bool = False,
     backend: str | None = None,
+    gqa: bool | None = None,
 ) -> torch.Tensor:
     """q [B, H, Tq, Dh], k/v [B, Hkv, Tk, Dh] -> [B, H, Tq, Dh] (Tq may differ from Tk).
 
@@ -244,11 +245,14 @@ def masked_attention(
     CUDA; top-left aligned, so only meaningful for Tq == Tk or Tq == 1 over a cache).
     A mask_mod (or a prepared ``AttentionMask``) defines the mask alone (``causal`` is ignored)
     and goes through FlexAttention on CUDA and a dense-masked SDPA elsewhere.
-    Queries whose mask is empty produce zeros (not NaN).
+    Queries whose mask is empty produce zeros (not NaN). ``gqa``: whether Hkv < H, default read
+    from the shapes (callers that know it pass it: under torch.compile with dynamic shapes the
+    comparison would be symbolic, which SDPA refuses).
     """
     B, H, Tq, _ = q.shape
     Tk = k.shape[2]
-    gqa = k.shape[1] != H
+    if gqa is None:
+        gqa = k.shape[1] != H
     if mask_mod is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal and Tq > 1, enable_gqa=gqa)
     mask = mask_mod
@@ -400,6 +404,48 @@ class WindowedKVCache:
         self.length = 0
 
 
+class DeviceWindowedKVCache(WindowedKVCache):
+    """A WindowedKVCache whose stream position lives on the device: one step per ``update``,
+    always the whole ring returned (fixed shape) with each slot's absolute position, no host
+    sync. What BLT's per-byte models (entropy model, local encoder and decoder) need to run
+    inside a CUDA graph (``models/generate.py``); attention masks the empty slots by position.
+    """
+
+    static_shape = True  # attention must mask the empty slots itself
+
+    def __init__(self, B: int, n_kv_heads: int, window: int, head_dim: int, device, dtype) -> None:
+        super().__init__(B, n_kv_heads, window, head_dim, device, dtype)
+        self.next_pos = torch.zeros((), dtype=torch.long, device=device)  # position of the next step
+
+    @property
+    def length(self) -> int:
+        """Steps taken (a host sync: for checks and tests, not the decoding loop)."""
+        return int(self.next_pos)
+
+    @length.setter
+    def length(self, value: int) -> None:
+        if hasattr(self, "next_pos"):  # WindowedKVCache.__init__ sets 0 before next_pos exists
+            self.next_pos.fill_(value)
+
+    def next_positions(self, n: int) -> torch.Tensor:
+        """Absolute position [1] of the next step (n must be 1)."""
+        if n != 1:
+            raise ValueError(f"a DeviceWindowedKVCache takes one step per update, got {n}")
+        return self.next_pos[None]
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        slot = self.next_positions(k.shape[2]) % self.window  # [1]
+        self.k.index_copy_(2, slot, k)
+        self.v.index_copy_(2, slot, v)
+        self.pos.index_copy_(0, slot, self.next_pos[None])
+        self.next_pos += 1
+        return self.k, self.v, self.pos  # the ring now holds exactly the new query's window
+
+    def reset(self) -> None:
+        self.pos.fill_(-1)
+        self.next_pos.zero_()
+
+
 # --- attention module -------------------------------------------------------------------------
 class Attention(nn.Module):
     """Multi-head (grouped-query) attention with optional RoPE, self- or cross-attention.
@@ -411,9 +457,9 @@ class Attention(nn.Module):
       kv_positions: RoPE positions of cross-attention keys. Cross-attention applies RoPE only
         when kv_positions is given (rotating the queries alone encodes nothing);
       mask_mod: a mask_mod or prepared AttentionMask (then ``causal`` is ignored);
-      cache: KVCache, DeviceKVCache or WindowedKVCache of this layer. New keys/values are
-        appended and the queries attend over the cache. A DeviceKVCache (self-attention only,
-        no mask_mod) always masks causally by slot, whatever ``causal`` says. Otherwise, with
+      cache: KVCache, WindowedKVCache or their Device* variants of this layer. New keys/values
+        are appended and the queries attend over the cache. A Device* cache (self-attention
+        only, no mask_mod) always masks causally by position, whatever ``causal`` says. Otherwise, with
         ``causal=True`` and no mask_mod the causal mask is aligned to absolute positions (prefilling a chunk into a non-empty cache is correct);
         a WindowedKVCache applies its window itself (mask_mod must be None). A caller's
         mask_mod over a KVCache sees local query indices and cache key indices: pass
@@ -497,9 +543,9 @@ class Attention(nn.Module):
         k = k.view(B, Tk, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, Tk, Dh]
         v = v.view(B, Tk, self.n_kv_heads, self.head_dim).transpose(1, 2)
         static = getattr(cache, "static_shape", False)
-        if static:  # fill level on the device: slot positions of the queries, read before update
+        if static:  # fill level on the device: positions of the queries, read before update
             if mask_mod is not None or not self_attn:
-                raise ValueError("a DeviceKVCache is for self-attention and masks by slot position itself; pass mask_mod=None")
+                raise ValueError(f"a {type(cache).__name__} is for self-attention and masks by position itself; pass mask_mod=None")
             q_slots = cache.next_positions(Tq)
         start = cache.length if cache is not None and not static else 0
         if self.rope is not None and (self_attn or kv_positions is not None):
@@ -509,11 +555,11 @@ class Attention(nn.Module):
             k = self.rope(k, positions if self_attn else kv_positions)
         if cache is not None:
             k, v, kv_pos = cache.update(k, v)
-            if static:  # every slot up to the query's own (ignores ``causal``: the slots are causal)
+            if static:  # every filled slot up to the query's own position (ignores ``causal``)
                 mask_mod, causal = position_mask(q_slots, kv_pos), False
             else:
                 mask_mod, causal = self._cache_mask(cache, start, Tq, kv_pos, mask_mod, causal)
-        out = masked_attention(q, k, v, mask_mod, causal=causal)
+        out = masked_attention(q, k, v, mask_mod, causal=causal, gqa=self.n_kv_heads != self.n_heads)
         out = out.transpose(1, 2).reshape(B, Tq, self.n_heads * self.head_dim)  # [B, Tq, H*Dh]
         return self.wo(out)
 

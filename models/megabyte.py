@@ -355,7 +355,12 @@ class Megabyte(ByteLM):
         state.pos = t + 1
         return self.local_step(state, j, prev)
 
-    def decode_patch(
+    @property
+    def decode_block_size(self) -> int:
+        """Bytes per ``decode_block`` call: one patch."""
+        return self.config.patch_size
+
+    def decode_block(
         self, state: MegabyteState, prev: torch.Tensor, sample: Callable[[torch.Tensor, int], torch.Tensor]
     ) -> torch.Tensor:
         """Decode the whole patch that starts at ``state.pos`` (a multiple of P, not 0): the global
@@ -366,20 +371,22 @@ class Megabyte(ByteLM):
         The host does the same thing for every patch, and with ``device_caches`` (see
         ``new_state``) every tensor it touches has a fixed address and shape, so one CUDA graph
         captured on any patch replays every later one (``models/generate.py``)."""
-        self.check_patch_start(state)
+        self.prepare_block(state)
         out = []
         for j in range(self.config.patch_size):
             prev = sample(self.step(state, prev), j)
             out.append(prev)
         return torch.stack(out, 1)  # P x [B] -> [B, P]
 
-    def check_patch_start(self, state: MegabyteState) -> None:
-        """Raise unless ``decode_patch`` can run at ``state.pos`` (host-side, no sync)."""
+    def prepare_block(self, state: MegabyteState) -> bool:
+        """Raise unless ``decode_block`` can run at ``state.pos`` (host-side, no sync). Returns
+        False: nothing is reallocated (a captured CUDA graph stays valid)."""
         P, t = self.config.patch_size, state.pos
         if t == 0 or t % P:
-            raise ValueError(f"decode_patch starts at a patch boundary after patch 0, got position {t} (P={P})")
+            raise ValueError(f"decode_block starts at a patch boundary after patch 0, got position {t} (P={P})")
         if t + P > state.max_len:
             raise ValueError(f"state is full: position {t} + patch of {P} > max_len {state.max_len}")
+        return False
 
     def local_step(self, state: MegabyteState, j: int, prev: torch.Tensor | None) -> torch.Tensor:
         """The local decoder's step at in-patch position j: logits [B, V]."""

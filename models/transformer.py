@@ -32,6 +32,8 @@ from .layers import (
     init_residual_projections,
     AttentionMask,
     Block,
+    DeviceKVCache,
+    DeviceWindowedKVCache,
     KVCache,
     RMSNorm,
     RoPE,
@@ -137,11 +139,9 @@ class Transformer(ByteLM):
         """
         B, n = tokens.shape
         x = self.embed(tokens)  # [B, n, D]
-        if cache is not None:
-            start = cache.length
-            positions = torch.arange(start, start + n, device=tokens.device)
+        if cache is not None:  # positions continue each layer's cache (Attention reads them)
             for block, layer_cache in zip(self.blocks, cache.layers):
-                x = block(x, positions=positions, causal=True, cache=layer_cache)
+                x = block(x, causal=True, cache=layer_cache)
             return self.norm(x)
         positions = torch.arange(n, device=tokens.device)
         mask = self._window_mask(n, tokens.device)
@@ -170,20 +170,29 @@ class Transformer(ByteLM):
 
     # --- incremental decoding -----------------------------------------------------------------
     def new_cache(
-        self, B: int, max_len: int | None = None, device=None, dtype: torch.dtype | None = None
+        self,
+        B: int,
+        max_len: int | None = None,
+        device=None,
+        dtype: torch.dtype | None = None,
+        device_caches: bool = False,
     ) -> TransformerCache:
         """Empty caches for B rows. ``max_len``: input tokens (tag included) it can hold,
-        default ``max_seq_len``; ignored with a window (ring buffers of ``window`` slots)."""
+        default ``max_seq_len``; ignored with a window (ring buffers of ``window`` slots).
+        ``device_caches``: fill levels on the device (``DeviceKVCache`` /
+        ``DeviceWindowedKVCache``): fixed-shape steps for CUDA graphs, no host syncs."""
         c = self.config
         p = self.embed.weight
         device = p.device if device is None else device
         dtype = p.dtype if dtype is None else dtype
         head_dim, n_kv = c.dim // c.n_heads, c.n_kv_heads or c.n_heads
         if c.window is not None:
-            layers = [WindowedKVCache(B, n_kv, c.window, head_dim, device, dtype) for _ in self.blocks]
+            kind = DeviceWindowedKVCache if device_caches else WindowedKVCache
+            layers = [kind(B, n_kv, c.window, head_dim, device, dtype) for _ in self.blocks]
         else:
             max_len = c.max_seq_len if max_len is None else max_len
-            layers = [KVCache(B, n_kv, max_len, head_dim, device, dtype) for _ in self.blocks]
+            kind = DeviceKVCache if device_caches else KVCache
+            layers = [kind(B, n_kv, max_len, head_dim, device, dtype) for _ in self.blocks]
         return TransformerCache(layers)
 
     def forward_step(self, tokens: torch.Tensor, cache: TransformerCache) -> torch.Tensor:

@@ -135,9 +135,11 @@ def compile_decoding(model) -> list[str]:
     """torch.compile, in place, the methods in ``model.compilable_steps`` (one decoding step's
     device work at fixed shapes; inside the CUDA graph of models/generate.py they become a few
     fused kernels instead of hundreds). Compiled for static shapes: once per batch size, whatever
-    the sample length. Returns the names compiled."""
+    the sample length; ``model.growing_steps`` (shapes that follow a growing cache) once, with
+    dynamic shapes. Returns the names compiled."""
     for name in model.compilable_steps:
-        setattr(model, name, torch.compile(getattr(model, name), dynamic=False, fullgraph=True))
+        dynamic = name in model.growing_steps
+        setattr(model, name, torch.compile(getattr(model, name), dynamic=dynamic, fullgraph=True))
     return list(model.compilable_steps)
 
 

@@ -96,6 +96,28 @@ def test_cached_greedy_equals_uncached(name):
     assert generate(model, IMAGE, [PROMPTS[1]], **kw)[0] == cached[1]
 
 
+def test_blt_latent_caches_grow_between_blocks(monkeypatch):
+    """BLT's latent caches start small and grow (by half) when the host's bound of the patch
+    count reaches their capacity; decoding is unchanged and the capacity stays near the true
+    patch count rather than one slot per byte."""
+    import polybyte.models.blt as blt_module
+
+    monkeypatch.setattr(blt_module, "LATENT_MIN_CAPACITY", 4)
+    model = blt("entropy")
+    kw = dict(max_bytes=60, temperature=0, stop_at_eos=False)
+    prompts = [b"", b"ab", b"abc d"]
+    cached = generate(model, MODALITIES[:3], prompts, **kw)
+    assert cached == generate(model, MODALITIES[:3], prompts, use_cache=False, **kw)
+    state = model.new_state(MODALITIES[:3], 64)
+    prev = model.step(state, None).argmax(-1)
+    while state.pos + model.decode_block_size <= 64:
+        prev = model.decode_block(state, prev, lambda logits, j: logits.argmax(-1))[:, -1]
+    capacity = state.cache.latent[0].capacity
+    patches = int(state.num_patches.max())
+    assert 4 < patches <= capacity < state.pos  # grew, and holds fewer slots than bytes
+    assert state.patch_bound >= patches
+
+
 def test_sampling_controls():
     model = flat()
     kw = dict(max_bytes=40, stop_at_eos=False)
@@ -183,6 +205,8 @@ def test_bad_arguments():
     model = flat()
     with pytest.raises(ValueError, match="outside 0..263"):
         generate(model, TEXT, [[1, 2, 999]], 4)
+    with pytest.raises(ValueError, match="prompt 1 holds PAD"):
+        generate(model, TEXT, [b"a", [1, PAD, 2]], 4)
     with pytest.raises(ValueError, match="modality must be"):
         generate(model, torch.tensor([TEXT, TEXT]), [b"a"], 4)
     with pytest.raises(ValueError, match="top_p"):
@@ -203,22 +227,33 @@ def test_megabyte_samples_a_64x64_image_on_cpu():
     assert all(0 <= b < 256 for r in out for b in r)
 
 
+GRAPH_MODELS = {
+    "megabyte": lambda: megabyte(patch_size=4, max_seq_len=64),
+    "megabyte-cross-patch": lambda: megabyte(patch_size=4, max_seq_len=64, cross_patch_r=2),
+    "blt-entropy": lambda: blt("entropy"),
+    "blt-space": lambda: blt("space"),
+}
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("compile", [False, True])
-@pytest.mark.parametrize("cross_patch_r", [0, 2])
-def test_megabyte_cuda_graphs_equal_eager_decoding(cross_patch_r, compile):
-    """One CUDA graph per patch (optionally over the compiled decoding steps) decodes exactly
-    as the eager per-byte path (fp32, greedy and seeded sampling)."""
+@pytest.mark.parametrize("name", sorted(GRAPH_MODELS))
+def test_cuda_graphs_equal_eager_decoding(name, compile, monkeypatch):
+    """One CUDA graph per block (optionally over the compiled decoding steps) decodes exactly
+    as the eager per-byte path (fp32, greedy and seeded sampling). BLT's latent caches start at
+    4 patches, so they grow and the graph is captured again several times."""
+    import polybyte.models.blt as blt_module
     from polybyte.pipelines.sample import compile_decoding
 
-    torch.manual_seed(0)
-    model = Megabyte(MegabyteConfig(patch_size=4, max_seq_len=64, cross_patch_r=cross_patch_r)).cuda().eval()
+    monkeypatch.setattr(blt_module, "LATENT_MIN_CAPACITY", 4)
+    model = GRAPH_MODELS[name]().cuda()
+    modality = MODALITIES[:3].cuda()
     prompts = [bytes(range(5)), b"ab", b""]
-    kwargs = dict(max_bytes=40, temperature=0, stop_at_eos=False)
-    eager = generate(model, 259, prompts, cuda_graphs=False, **kwargs)
-    sampled_eager = generate(model, 259, prompts, max_bytes=40, seed=3, cuda_graphs=False)
+    kwargs = dict(max_bytes=50, temperature=0, stop_at_eos=False)
+    eager = generate(model, modality, prompts, cuda_graphs=False, **kwargs)
+    sampled_eager = generate(model, modality, prompts, max_bytes=50, seed=3, cuda_graphs=False)
     if compile:
-        assert compile_decoding(model) == ["decode_global", "decode_local"]
-    graphed = generate(model, 259, prompts, cuda_graphs=True, **kwargs)
+        assert compile_decoding(model) == list(model.compilable_steps)
+    graphed = generate(model, modality, prompts, cuda_graphs=True, **kwargs)
     assert graphed == eager
-    assert generate(model, 259, prompts, max_bytes=40, seed=3, cuda_graphs=True) == sampled_eager
+    assert generate(model, modality, prompts, max_bytes=50, seed=3, cuda_graphs=True) == sampled_eager

@@ -142,7 +142,7 @@ def test_device_cache_decoding_matches_full_causal_attention():
         assert cache.length == T and cache.k.shape[2] == T + 5
         assert (torch.cat(outs, 1) - full).abs().max() < 1e-5
         cache.reset()
-    with pytest.raises(ValueError, match="masks by slot position itself"):
+    with pytest.raises(ValueError, match="masks by position itself"):
         attn(x, cache=cache, mask_mod=L.causal_mask())
     with pytest.raises(ValueError, match="is for self-attention"):
         attn(x, x, cache=cache)
@@ -166,6 +166,24 @@ def test_windowed_cache_decoding_matches_full_sliding_window(chunks):
     assert ring.length == T and ring.k.shape[2] == window
     assert (torch.cat(outs_ring, 1) - full).abs().max() < 1e-5
     assert (torch.cat(outs_linear, 1) - full).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("window", [1, 3, 20])
+def test_device_windowed_cache_steps_match_full_sliding_window(window):
+    """DeviceWindowedKVCache (ring with its position on the device, whole ring attended with a
+    position mask): single steps equal full sliding-window attention, before and after the
+    ring wraps and when the window exceeds the stream; more than one step per call is refused."""
+    attn, x = attn_and_input()
+    B, T, _ = x.shape
+    full = attn(x, mask_mod=L.sliding_window_mask(window))
+    ring = L.DeviceWindowedKVCache(B, 2, window, 8, x.device, x.dtype)
+    for _ in range(2):
+        steps = [attn(x[:, t : t + 1], cache=ring) for t in range(T)]
+        assert ring.length == T and ring.k.shape[2] == window
+        assert (torch.cat(steps, 1) - full).abs().max() < 1e-5
+        ring.reset()
+    with pytest.raises(ValueError, match="one step per update, got 2"):
+        attn(x[:, :2], cache=ring)
 
 
 def test_cache_misuse_errors():
