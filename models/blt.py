@@ -37,7 +37,8 @@ Rows of a batch close patches at different steps. ``new_state`` / ``step`` / ``p
 each row at its own patch index (``RowKVCache``), and only the rows that close a patch keep
 the result; every step then has the same kernels and shapes, with no host sync (the patch
 decisions stay on the device), so one CUDA graph replays a block of steps. The pooling window
-is a ring of the last ``max_patch_len`` encoder states; the latent caches grow between blocks.
+is a ring of the last encoder states, as many as the longest patch (``max_patch_len``, or the
+stride for strided patching; all of them without a bound); the latent caches grow between blocks.
 With 16 rows and patches of ~4 bytes, a row closes a patch at almost every byte anyway.
 """
 
@@ -323,7 +324,7 @@ class BLTCache:
     """Caches for incremental decoding of one batch (see the module docstring's recipe)."""
 
     encoder: list[WindowedKVCache]  # local encoder self-attention, one per layer
-    latent: list[KVCache]  # latent transformer, one per layer (one entry per closed patch)
+    latent: list[KVCache]  # latent transformer, one per layer (new_state: RowKVCaches, see there)
     decoder: list[WindowedKVCache]  # local decoder self-attention, one per layer
     entropy: TransformerCache | None  # the entropy model's (entropy patching only)
 
@@ -336,8 +337,9 @@ class RowKVCache:
     tensor, ``BLTState.num_patches``): its key/value is written at that slot and the caller
     masks the keys after it. A row that closed no patch computed a throwaway step, whose slot
     its next real patch overwrites. ``update`` returns all ``capacity`` slots: the shapes stay
-    fixed between ``grow`` calls, so a captured CUDA graph replays the step. Same ``update`` /
-    ``length`` protocol as ``KVCache`` (``window`` None), so ``Attention`` uses it unchanged.
+    fixed between ``grow`` calls, so a captured CUDA graph replays the step. ``Attention`` uses
+    it through the ``KVCache`` protocol (``update``, ``length`` = capacity, ``window`` None), but
+    callers must pass the RoPE positions (the patch indices) and the row mask themselves.
     """
 
     window = None
@@ -658,12 +660,14 @@ class BLT(ByteLM):
             for _ in range(G.n_layers)
         ]
         entropy = None
-        if c.patcher.needs_entropies:
-            entropy = self.entropy_model.new_cache(B, device=dev, dtype=dtype, device_caches=True)
-        # An input patch spans at most max_patch_len inputs (patches are cut at that length):
-        # the ring of encoder states that pooling reads needs no more. (Not capped by max_len:
-        # the compiled steps see the same shapes for every sample length.)
-        R = c.patcher.max_patch_len or max_len
+        if c.patcher.needs_entropies:  # (max_len only sizes an entropy model without a window)
+            entropy = self.entropy_model.new_cache(B, max_len, device=dev, dtype=dtype, device_caches=True)
+        # An input patch spans at most as many inputs as the longest patch (PAD aside, which
+        # prefill refuses): the ring of encoder states that pooling reads needs no more. With
+        # a bound, the compiled steps see the same shapes for every sample length.
+        p = c.patcher
+        longest = min(p.patch_size, p.max_patch_len or p.patch_size) if p.kind == "strided" else p.max_patch_len
+        R = longest or max_len
         H = max(max(c.hash_ngrams.sizes), 2)  # n-gram hashes and the patch rules look back this far
         return BLTState(
             modality=modality,
@@ -684,7 +688,8 @@ class BLT(ByteLM):
     @torch.no_grad()
     def step(self, state: BLTState, prev: torch.Tensor | None) -> torch.Tensor:
         """Logits [B, V] for position ``state.pos``, given ``prev`` [B] = the bytes at position
-        ``state.pos - 1`` (None exactly when ``state.pos == 0``); advances ``state.pos`` by one.
+        ``state.pos - 1`` (None exactly when ``state.pos == 0``; never PAD, unchecked here: a
+        sync per byte); advances ``state.pos`` by one.
 
         The recipe of the module docstring, batched at fixed shapes: the entropy model and the
         local encoder take input ``pos``; the latent model steps every row at its own patch
@@ -734,7 +739,8 @@ class BLT(ByteLM):
         """Make the latent caches hold every patch the steps before position ``until`` may start
         (each step starts at most one per row). The host keeps an upper bound of the patch
         count and reads the true one (a sync) only when the bound exceeds the capacity; then
-        the caches grow by half. True when they were reallocated."""
+        the caches grow to max(bound, 1.5 × capacity) slots, at most max_len + 1. True when
+        they were reallocated."""
         if until <= state.reserved_to:
             return False
         capacity, moved = state.cache.latent[0].capacity, False
@@ -843,6 +849,8 @@ class BLT(ByteLM):
         n = ids.shape[1]
         if n + 1 > state.max_len:
             raise ValueError(f"prompt of {n} bytes needs max_len >= {n + 1}, state has {state.max_len}")
+        if bool((ids == self.config.pad_id).any()):  # no max-length cut after a PAD: the ring would overflow
+            raise ValueError(f"prompt holds PAD ({self.config.pad_id}): padding is never inside a stream")
         out = [self.step(state, None if t == 0 else ids[:, t - 1]) for t in range(n + 1)]
         return torch.stack(out, dim=1)
 

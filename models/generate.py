@@ -10,8 +10,9 @@ Each backbone decodes incrementally through a small decoder object with two call
 ``prefill(ids [B, n]) -> logits [B, n+1, V]`` and ``step(prev [B]) -> logits [B, V]``:
 
 * flat transformer: ``new_cache`` / ``prefill`` / ``forward_step`` (per-layer KV caches);
-* MEGABYTE and BLT: ``new_state`` / ``prefill`` / ``step`` on the model (global or latent model
-  once per patch, local models once per byte; see their modules);
+* MEGABYTE and BLT: ``new_state`` / ``prefill`` / ``step`` on the model (MEGABYTE: global model
+  once per patch, local model once per byte; BLT: every stage once per byte, the latent step
+  kept only by the rows that close a patch; see their modules);
 * MEGABYTE and BLT, once no row is inside its prompt (and at a multiple of the block):
   ``prepare_block`` / ``decode_block``, a block of bytes per call with sampling inside (MEGABYTE:
   one patch; BLT: 16 bytes), which on CUDA is one replay of a captured CUDA graph;

@@ -566,17 +566,19 @@ class Attention(nn.Module):
     @staticmethod
     def _cache_mask(cache, start: int, Tq: int, kv_pos: torch.Tensor, mask_mod, causal: bool):
         """The mask for queries at absolute positions start..start+Tq-1 over the cached keys."""
-        q_pos = torch.arange(start, start + Tq, device=kv_pos.device)
+        def q_pos():
+            return torch.arange(start, start + Tq, device=kv_pos.device)
+
         window = getattr(cache, "window", None)
         if window is not None:
             if mask_mod is not None or not causal:
                 raise ValueError("a WindowedKVCache applies its own causal window; pass mask_mod=None")
             if Tq == 1 and start >= window - 1:
                 return None, False  # the ring holds exactly this query's window
-            return position_mask(q_pos, kv_pos, window), False
+            return position_mask(q_pos(), kv_pos, window), False
         if mask_mod is None and causal and Tq > 1 and start > 0:
             # SDPA's is_causal is top-left aligned: wrong for Tq < Tk, so mask by positions.
-            return position_mask(q_pos, kv_pos), False
+            return position_mask(q_pos(), kv_pos), False
         return mask_mod, causal
 
 

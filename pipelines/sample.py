@@ -6,7 +6,7 @@
                     [--batch-size B] [--device D] [--dtype bf16|fp32] [--no-compile]
 
 Sampling uses the backbone's caches (``models/generate.py``); on CUDA the weights are cast to
-bf16 and the backbone's fixed-shape decoding steps are torch.compile'd first (MEGABYTE; the
+bf16 and the backbone's fixed-shape decoding steps are torch.compile'd first (MEGABYTE, BLT; the
 compile time is reported apart from the sampling rate). Outputs in ``--out``:
 
 * image: ``image_000.png`` ... and ``grid.png`` (with a prompt, one row per sample: the prompt's
