@@ -97,7 +97,7 @@ def test_cached_greedy_equals_uncached(name):
 
 
 def test_blt_latent_caches_grow_between_blocks(monkeypatch):
-    """BLT's latent caches start small and grow (by half) when the host's bound of the patch
+    """BLT's latent caches start small and grow (by LATENT_GROWTH) when the host's bound of the patch
     count reaches their capacity; decoding is unchanged and the capacity stays near the true
     patch count rather than one slot per byte."""
     import polybyte.models.blt as blt_module
@@ -108,9 +108,9 @@ def test_blt_latent_caches_grow_between_blocks(monkeypatch):
     prompts = [b"", b"ab", b"abc d"]
     cached = generate(model, MODALITIES[:3], prompts, **kw)
     assert cached == generate(model, MODALITIES[:3], prompts, use_cache=False, **kw)
-    state = model.new_state(MODALITIES[:3], 64)
+    state = model.new_state(MODALITIES[:3], 160)
     prev = model.step(state, None).argmax(-1)
-    while state.pos + model.decode_block_size <= 64:
+    while state.pos + model.decode_block_size <= 160:
         prev = model.decode_block(state, prev, lambda logits, j: logits.argmax(-1))[:, -1]
     capacity = state.cache.latent[0].capacity
     patches = int(state.num_patches.max())
