@@ -313,6 +313,12 @@ def _local_mask(window: int, n: int, device) -> AttentionMask | None:
     return None if window >= n else prepare_mask(sliding_window_mask(window), None, n, n, device)
 
 
+def _ring_caches(local: LocalConfig, B: int, device, dtype, kind: type) -> list:
+    """One ring cache (``kind``: WindowedKVCache or DeviceWindowedKVCache) per layer of a local model."""
+    hd = local.dim // local.n_heads
+    return [kind(B, local.n_heads, local.window, hd, device, dtype) for _ in range(local.n_layers)]
+
+
 def _patch_max_pool(h: torch.Tensor, patch_ids: torch.Tensor, num_patches: int) -> torch.Tensor:
     """Max over each patch's positions: h [B, T, D], patch_ids [B, T] -> [B, P, D] (0 for empty
     patches; positions with patch id >= P are ignored)."""
@@ -484,18 +490,14 @@ class BLT(ByteLM):
         device = p.device if device is None else device
         dtype = p.dtype if dtype is None else dtype
 
-        def windowed(local: LocalConfig) -> list[WindowedKVCache]:
-            hd = local.dim // local.n_heads
-            n = local.n_layers
-            return [WindowedKVCache(B, local.n_heads, local.window, hd, device, dtype) for _ in range(n)]
-
         G = c.latent
         n_kv, max_patches = G.n_kv_heads or G.n_heads, max_patches or c.max_seq_len
         latent = [KVCache(B, n_kv, max_patches, G.dim // G.n_heads, device, dtype) for _ in range(G.n_layers)]
         entropy = None
         if c.patcher.needs_entropies:
             entropy = self.entropy_model.new_cache(B, device=device, dtype=dtype)
-        return BLTCache(windowed(c.encoder), latent, windowed(c.decoder), entropy)
+        rings = [_ring_caches(local, B, device, dtype, WindowedKVCache) for local in (c.encoder, c.decoder)]
+        return BLTCache(rings[0], latent, rings[1], entropy)
 
     # --- stages -------------------------------------------------------------------------------
     def inputs(self, ids: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
@@ -651,10 +653,6 @@ class BLT(ByteLM):
         B, dev = modality.shape[0], modality.device
         dtype = dtype or self.head.weight.dtype
 
-        def windowed(local: LocalConfig) -> list[DeviceWindowedKVCache]:
-            hd = local.dim // local.n_heads
-            return [DeviceWindowedKVCache(B, local.n_heads, local.window, hd, dev, dtype) for _ in range(local.n_layers)]
-
         G = c.latent
         num_patches = torch.zeros(B, dtype=torch.long, device=dev)
         capacity = min(max_len + 1, LATENT_MIN_CAPACITY)  # grown by reserve_patches
@@ -677,7 +675,12 @@ class BLT(ByteLM):
             max_len=max_len,
             pos=0,
             t=torch.zeros((), dtype=torch.long, device=dev),
-            cache=BLTCache(windowed(c.encoder), latent, windowed(c.decoder), entropy),
+            cache=BLTCache(
+                _ring_caches(c.encoder, B, dev, dtype, DeviceWindowedKVCache),
+                latent,
+                _ring_caches(c.decoder, B, dev, dtype, DeviceWindowedKVCache),
+                entropy,
+            ),
             history=torch.full((B, H), -1, dtype=torch.long, device=dev),
             enc_ring=[torch.zeros(B, R, c.encoder.dim, device=dev, dtype=dtype) for _ in self.enc_cross],
             ring_pos=torch.full((R,), -1, dtype=torch.long, device=dev),

@@ -310,37 +310,46 @@ class KVCache:
         self.length = 0
 
 
-class DeviceKVCache(KVCache):
-    """A KVCache whose fill level lives on the device, so CUDA graphs can replay its steps.
+class _DeviceFill:
+    """Mixin for caches whose stream position lives on the device (``next_pos``, a 0-dim long
+    tensor), so CUDA graphs can replay their steps: ``static_shape`` tells attention to mask
+    the unfilled slots itself, and ``length`` reads the position back (a host sync: for checks
+    and tests, not the decoding loop) or sets it (the base classes' ``reset``)."""
 
-    ``pos`` (a 0-dim long tensor) is the next free slot; ``update`` writes the new keys there
-    with ``index_copy_`` and returns the whole preallocated buffer (fixed shape), and the
-    attention masks slots past the queries by position. Every step then launches the same
-    kernels with the same shapes whatever the fill level: one CUDA graph serves all of them
-    (MEGABYTE's sampling, ``models/generate.py``). Overflowing is not checked (that would need a
-    host sync); callers size it. Slots are positions: key slot s sits at position s.
-    """
+    static_shape = True
 
-    static_shape = True  # attention must mask the unfilled slots itself
-
-    def __init__(self, B: int, n_kv_heads: int, max_len: int, head_dim: int, device, dtype) -> None:
-        super().__init__(B, n_kv_heads, max_len, head_dim, device, dtype)
-        self.pos = torch.zeros((), dtype=torch.long, device=device)
-        self.slots = torch.arange(max_len, device=device)
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.next_pos = torch.zeros((), dtype=torch.long, device=self.k.device)
 
     @property
     def length(self) -> int:
-        """Filled slots (a host sync: for checks and tests, not the decoding loop)."""
-        return int(self.pos)
+        return int(self.next_pos)
 
     @length.setter
     def length(self, value: int) -> None:
-        if hasattr(self, "pos"):  # KVCache.__init__ sets 0 before pos exists
-            self.pos.fill_(value)
+        if hasattr(self, "next_pos"):  # the base __init__ sets 0 before next_pos exists
+            self.next_pos.fill_(value)
+
+
+class DeviceKVCache(_DeviceFill, KVCache):
+    """A KVCache whose fill level lives on the device, so CUDA graphs can replay its steps.
+
+    ``next_pos`` is the next free slot; ``update`` writes the new keys there with
+    ``index_copy_`` and returns the whole preallocated buffer (fixed shape), and the attention
+    masks slots past the queries by position. Every step then launches the same kernels with
+    the same shapes whatever the fill level: one CUDA graph serves all of them (MEGABYTE's
+    sampling, ``models/generate.py``). Overflowing is not checked (that would need a host
+    sync); callers size it. Slots are positions: key slot s sits at position s.
+    """
+
+    def __init__(self, B: int, n_kv_heads: int, max_len: int, head_dim: int, device, dtype) -> None:
+        super().__init__(B, n_kv_heads, max_len, head_dim, device, dtype)
+        self.slots = torch.arange(max_len, device=device)
 
     def next_positions(self, n: int) -> torch.Tensor:
         """Slots (= positions) [n] of the next n steps, on the device."""
-        return self.pos + self.slots[:n]
+        return self.next_pos + self.slots[:n]
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """As ``update`` (the whole buffer, fixed shape), without the positions."""
@@ -350,11 +359,8 @@ class DeviceKVCache(KVCache):
         idx = self.next_positions(k.shape[2])
         self.k.index_copy_(2, idx, k)
         self.v.index_copy_(2, idx, v)
-        self.pos += k.shape[2]
+        self.next_pos += k.shape[2]
         return self.k, self.v, self.slots
-
-    def reset(self) -> None:
-        self.pos.zero_()
 
 
 class WindowedKVCache:
@@ -404,28 +410,12 @@ class WindowedKVCache:
         self.length = 0
 
 
-class DeviceWindowedKVCache(WindowedKVCache):
+class DeviceWindowedKVCache(_DeviceFill, WindowedKVCache):
     """A WindowedKVCache whose stream position lives on the device: one step per ``update``,
     always the whole ring returned (fixed shape) with each slot's absolute position, no host
     sync. What BLT's per-byte models (entropy model, local encoder and decoder) need to run
     inside a CUDA graph (``models/generate.py``); attention masks the empty slots by position.
     """
-
-    static_shape = True  # attention must mask the empty slots itself
-
-    def __init__(self, B: int, n_kv_heads: int, window: int, head_dim: int, device, dtype) -> None:
-        super().__init__(B, n_kv_heads, window, head_dim, device, dtype)
-        self.next_pos = torch.zeros((), dtype=torch.long, device=device)  # position of the next step
-
-    @property
-    def length(self) -> int:
-        """Steps taken (a host sync: for checks and tests, not the decoding loop)."""
-        return int(self.next_pos)
-
-    @length.setter
-    def length(self, value: int) -> None:
-        if hasattr(self, "next_pos"):  # WindowedKVCache.__init__ sets 0 before next_pos exists
-            self.next_pos.fill_(value)
 
     def next_positions(self, n: int) -> torch.Tensor:
         """Absolute position [1] of the next step (n must be 1)."""
@@ -440,10 +430,6 @@ class DeviceWindowedKVCache(WindowedKVCache):
         self.pos.index_copy_(0, slot, self.next_pos[None])
         self.next_pos += 1
         return self.k, self.v, self.pos  # the ring now holds exactly the new query's window
-
-    def reset(self) -> None:
-        self.pos.fill_(-1)
-        self.next_pos.zero_()
 
 
 # --- attention module -------------------------------------------------------------------------

@@ -427,7 +427,7 @@ class Megabyte(ByteLM):
         else:
             cache = state.global_caches[0]
             # a DeviceKVCache holds k on the device: a captured graph replays for every patch
-            start = (cache.pos - 1) * P if cache.static_shape else (k - 1) * P
+            start = (cache.next_pos - 1) * P if cache.static_shape else (k - 1) * P
             x = self._embed_patches(state.patch_bytes, start)
         state.local_cond.copy_(self.decode_global(x, state.global_caches))  # [B, P, D_L]
         self._reset_local(state, k)
