@@ -17,8 +17,6 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
-import torchaudio.functional as AF
-import torchaudio.transforms as AT
 
 from .base import AUDIO, Modality, register
 
@@ -29,14 +27,43 @@ MU_LAW_LEVELS = 256
 MIN_CLIP_FRACTION = 0.25
 
 
+class AudioStackError(ImportError):
+    """torchaudio is missing or cannot load against the installed torch."""
+
+
+@functools.cache
+def torchaudio_dsp():
+    """torchaudio's ``(functional, transforms)`` modules, imported on first use.
+
+    A torchaudio built for another torch release fails when its compiled extension loads; this
+    turns that into one message naming both versions, and keeps every non-audio path working.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        import torchaudio.functional as functional
+        import torchaudio.transforms as transforms
+    except (OSError, ImportError) as e:
+        try:
+            found = f"torchaudio {version('torchaudio')}"
+        except PackageNotFoundError:
+            found = "torchaudio (not installed)"
+        raise AudioStackError(
+            f"{found} cannot be loaded with torch {torch.__version__} ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else e!r}); install the tested pair with "
+            f"`pip install -c constraints.txt -e .` (torch==2.11.0, torchaudio==2.11.0)"
+        ) from e
+    return functional, transforms
+
+
 @functools.lru_cache(maxsize=8)
-def _resampler(orig_rate: int, new_rate: int) -> AT.Resample:
+def _resampler(orig_rate: int, new_rate: int):
     """torchaudio's windowed-sinc resampler with its kernel built once per rate pair.
 
     Same filter as ``torchaudio.functional.resample``, which rebuilds the kernel on every call
     (about 50x slower on short clips).
     """
-    return AT.Resample(orig_rate, new_rate)
+    return torchaudio_dsp()[1].Resample(orig_rate, new_rate)
 
 
 def resample(wave: np.ndarray, orig_rate: int, new_rate: int) -> np.ndarray:
@@ -67,7 +94,7 @@ def encode_waveform(wave: np.ndarray, encoding: str) -> bytes:
         return to_int16(wave).astype("<i2").tobytes()
     x = np.clip(to_float(wave), -1.0, 1.0)
     if encoding == "mulaw8":
-        codes = AF.mu_law_encoding(torch.from_numpy(x), MU_LAW_LEVELS)
+        codes = torchaudio_dsp()[0].mu_law_encoding(torch.from_numpy(x), MU_LAW_LEVELS)
         return codes.to(torch.uint8).numpy().tobytes()
     if encoding == "pcm8":
         return np.clip(np.round(x * 128.0 + 128.0), 0, 255).astype(np.uint8).tobytes()
@@ -84,7 +111,7 @@ def decode_payload(payload: bytes, encoding: str) -> np.ndarray:
         return to_float(np.frombuffer(payload[:usable], dtype="<i2").astype(np.int16))
     codes = np.frombuffer(bytes(payload), dtype=np.uint8)
     if encoding == "mulaw8":
-        return AF.mu_law_decoding(torch.from_numpy(codes.astype(np.int64)), MU_LAW_LEVELS).numpy()
+        return torchaudio_dsp()[0].mu_law_decoding(torch.from_numpy(codes.astype(np.int64)), MU_LAW_LEVELS).numpy()
     if encoding == "pcm8":
         return ((codes.astype(np.float32) - 128.0) / 128.0).astype(np.float32)
     raise ValueError(f"unknown audio encoding {encoding!r}; use one of {sorted(ENCODINGS)}")

@@ -20,8 +20,28 @@ COMMANDS = {
 }
 
 
+# the stack whose versions `polybyte --version` reports: a break is diagnosed from one line
+STACK = ("torch", "torchaudio", "lightning", "webdataset", "numpy", "pillow", "soundfile")
+
+
+def version_line() -> str:
+    """``polybyte X (torch A, torchaudio B, ...)`` from the installed metadata: nothing is
+    imported, so it works even when a dependency cannot load."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    def get(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "missing"
+
+    stack = ", ".join(f"{name} {get(name)}" for name in STACK)
+    return f"polybyte {get('polybyte')} ({stack}, python {platform.python_version()})"
+
+
 def usage() -> str:
-    lines = ["usage: polybyte COMMAND [ARGS...]", "", "commands:"]
+    lines = ["usage: polybyte COMMAND [ARGS...] | polybyte --version", "", "commands:"]
     lines += [f"  {name:<9} {help_}" for name, (_, help_) in COMMANDS.items()]
     lines += ["", "`polybyte COMMAND --help` for a command's options."]
     return "\n".join(lines)
@@ -33,15 +53,21 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in {"-h", "--help", "help"}:
         print(usage())
         return 0
+    if argv[0] in {"-V", "--version"}:
+        print(version_line())
+        return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         print(f"polybyte: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(f"polybyte.pipelines.{COMMANDS[command][0]}")
-    if command in {"fit", "validate"}:
-        result = module.main(None if argv_is_sys else [command, *rest])
-    else:
-        result = module.main(rest)
+    from polybyte.modalities.audio import AudioStackError
+
+    try:
+        module = importlib.import_module(f"polybyte.pipelines.{COMMANDS[command][0]}")
+        result = module.main(None if argv_is_sys else [command, *rest]) if command in {"fit", "validate"} else module.main(rest)
+    except AudioStackError as e:  # a broken install: one line, not a traceback
+        print(f"polybyte {command}: error: {e}", file=sys.stderr)
+        return 2
     return int(result or 0)
 
 
