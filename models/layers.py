@@ -27,6 +27,11 @@ RMSNorm = nn.RMSNorm  # torch's own (fused on CUDA); eps set by callers
 # FlexAttention sparsity is per 128x128 block: shorter query runs gain nothing over a dense mask
 # and would each need their own block mask (decoding steps), so they take the dense path.
 FLEX_MIN_Q_LEN = 128
+# Plain (unmasked or causal) attention over at most this many keys is written out as two batched
+# matmuls and a softmax (``short_attention``): SDPA's flash/cuDNN kernels tile 64-128 queries and
+# keys, so MEGABYTE's local attentions over 8 bytes would waste >98% of every tile and launch
+# one block per 8x8 problem; written out, torch.compile fuses the mask and softmax.
+SHORT_KV_LEN = 16
 
 
 # --- rotary position embedding ----------------------------------------------------------------
@@ -254,6 +259,8 @@ def masked_attention(
     if gqa is None:
         gqa = k.shape[1] != H
     if mask_mod is None:
+        if Tk <= SHORT_KV_LEN:
+            return short_attention(q, k, v, causal=causal and Tq > 1, gqa=gqa)
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal and Tq > 1, enable_gqa=gqa)
     mask = mask_mod
     if not isinstance(mask, AttentionMask):
@@ -266,6 +273,22 @@ def masked_attention(
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, enable_gqa=gqa)
     # Some SDPA kernels return NaN for a query with no allowed key; FlexAttention returns 0.
     return torch.where(mask.dense.any(-1, keepdim=True), out, torch.zeros_like(out))
+
+
+def short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, gqa: bool) -> torch.Tensor:
+    """Softmax attention written out, for few keys (Tk <= SHORT_KV_LEN): q [B, H, Tq, Dh],
+    k/v [B, Hkv, Tk, Dh] -> [B, H, Tq, Dh]. ``causal``: top-left aligned, as SDPA's is_causal.
+    Scores stay in the inputs' dtype (bf16 under autocast); the softmax runs in fp32."""
+    if gqa:
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)  # [B, Hkv, Tk, Dh] -> [B, H, Tk, Dh]
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # [B, H, Tq, Tk]
+    if causal:
+        Tq, Tk = scores.shape[-2:]
+        allowed = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = scores.float().softmax(-1).to(v.dtype)
+    return probs @ v  # [B, H, Tq, Tk] @ [B, H, Tk, Dh] -> [B, H, Tq, Dh]
 
 
 # --- KV caches --------------------------------------------------------------------------------

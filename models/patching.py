@@ -67,6 +67,13 @@ class PatcherConfig:
     first_patch_len_one: bool = True  # byte 0 alone in patch 0 (content-based kinds)
     split_after_special: bool = True  # the byte after EOS / a tag starts a patch (content-based)
     pad_id: int = 256  # padding id: never starts a patch after itself (content-based kinds)
+    # Fixed patch capacity for the full forward (training, scoring): every row gets
+    # ceil(max_patches_ratio · T / patch_size) patch slots, rounded up to a multiple of 64 and at
+    # most T, so shapes never depend on the data (no host sync; torch.compile compiles once).
+    # Slots a row does not fill are empty patches; a row with more patches than slots has its
+    # last ones merged into the final slot (still causal). None: exactly the batch's largest
+    # patch count (reads it back to the host, and recompiles per new count under torch.compile).
+    max_patches_ratio: float | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -77,6 +84,15 @@ class PatcherConfig:
             raise ValueError(f"max_patch_len must be >= 1 or None, got {self.max_patch_len}")
         if self.kind.startswith("entropy") and not math.isfinite(self.threshold):
             raise ValueError(f"{self.kind} patching needs a finite threshold, got {self.threshold}")
+        if self.max_patches_ratio is not None and not self.max_patches_ratio > 0:
+            raise ValueError(f"max_patches_ratio must be > 0 or None, got {self.max_patches_ratio}")
+
+    def capacity(self, seq_len: int) -> int | None:
+        """Patch slots per row of a seq_len-byte grid (see max_patches_ratio); None = data-dependent."""
+        if self.max_patches_ratio is None:
+            return None
+        slots = math.ceil(self.max_patches_ratio * seq_len / self.patch_size)
+        return min(seq_len, 64 * math.ceil(slots / 64))
 
     @property
     def needs_entropies(self) -> bool:
@@ -87,9 +103,15 @@ class PatcherConfig:
 def patch(
     ids: torch.Tensor, config: PatcherConfig, entropies: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """ids [B, T] (+ entropies [B, T] for entropy kinds) -> (lengths [B, P_max], patch_ids [B, T])."""
+    """ids [B, T] (+ entropies [B, T] for entropy kinds) -> (lengths [B, P], patch_ids [B, T]).
+
+    P is ``config.capacity(T)`` when set (patch ids past it are merged into the last slot), else
+    the batch's largest patch count."""
     patch_ids = patch_starts(ids, config, entropies).long().cumsum(dim=1) - 1  # starts[:, 0] is True
-    return patch_ids_to_lengths(patch_ids), patch_ids
+    slots = config.capacity(ids.shape[1])
+    if slots is not None:
+        patch_ids = patch_ids.clamp(max=slots - 1)
+    return patch_ids_to_lengths(patch_ids, slots), patch_ids
 
 
 def patch_starts(
@@ -204,11 +226,11 @@ def patch_counts(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(number of patches holding at least one non-PAD byte, number of non-PAD bytes), as 0-dim tensors.
 
-    Their ratio is the mean patch length that BLT logs and find_threshold targets.
+    Their ratio is the mean patch length that BLT logs and find_threshold targets. No host sync:
+    patch ids are < T, so T slots per row hold every patch.
     """
     real = (ids != pad_id).long()
-    per_patch = torch.zeros(ids.shape[0], int(patch_ids.max()) + 1, dtype=torch.long, device=ids.device)
-    per_patch.scatter_add_(1, patch_ids, real)
+    per_patch = torch.zeros_like(real).scatter_add_(1, patch_ids, real)  # [B, T] real bytes per patch id
     return (per_patch > 0).sum(), real.sum()
 
 

@@ -3,7 +3,11 @@
 ``--what train`` times full training steps (forward, backward, fused AdamW; bf16 autocast on
 GPU) of each ``--model`` config on windows cut from ``--text`` (or random bytes), with CUDA
 events after warm-up, and prints bytes/s, MFU and each model's speed relative to the first
-config given — the baseline measured in the same run (default: the flat transformer).
+config given — the baseline measured in the same run (default: the flat transformer). Each row
+is printed as soon as it is measured. ``--peers`` also times, right after each MEGABYTE and BLT
+config, its reference implementation at the same shapes, batch, precision and optimizer in the
+same process (lucidrains' ``megabyte-pytorch``, transformers' ``BltForCausalLM``; the ``bench``
+extra installs them) and prints ours as a ratio to it. ``--json`` writes every row.
 
 ``--what sample`` times batched sampling with caches (``models/generate.py``) of each ``--model``
 (a config, ``BACKBONE:PRESET`` such as ``megabyte:base``, or a checkpoint folder) against the
@@ -61,7 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", action="store_true",
                    help="train: torch.compile each model (sample: see --no-compile)")
     g.add_argument("--train-batch-size", type=int, default=8, help="windows per step (default %(default)s)")
+    g.add_argument("--peers", action="store_true",
+                   help="also time the reference implementation of each MEGABYTE config (lucidrains' "
+                        "megabyte-pytorch) and BLT config (transformers' BltForCausalLM) at its shapes, batch, "
+                        "precision and optimizer, in the same process (needs the bench extra)")
     g.add_argument("--json", default=None, help="also write the results to this JSON file")
+    g.add_argument("--profile", default=None, metavar="DIR",
+                   help="train: after timing, profile 3 steps of each row with torch.profiler and write "
+                        "its operator table (by device time) to DIR/NAME.txt")
     g = p.add_argument_group("sample (--what sample; --model also takes BACKBONE:PRESET or a checkpoint folder)")
     g.add_argument("--modality", default="image", choices=["text", "image", "audio"], help="tag to sample under")
     g.add_argument("--sample-bytes", type=int, default=12288, help="bytes per row, cached (default: one 64x64 image)")
@@ -81,16 +92,174 @@ def _model_config(path: str) -> dict:
     return dict(cfg["model"]["model"])
 
 
+PEER_MODULES = {"megabyte": "MEGABYTE_pytorch", "blt": "transformers"}  # import names of the peers
+PEER_NAMES = {"megabyte": "lucidrains MEGABYTE", "blt": "transformers BLT"}
+
+
+def missing_peers() -> list[str]:
+    """Import names of the peer packages (the ``bench`` extra) that are not installed."""
+    import importlib.util
+
+    return [m for m in PEER_MODULES.values() if importlib.util.find_spec(m) is None]
+
+
+def lucidrains_megabyte(config) -> torch.nn.Module:
+    """lucidrains' ``MEGABYTE`` (PyPI megabyte-pytorch) at a polybyte MEGABYTE config's shapes:
+    global width P·D_G over seq_len/P patches, local width D_L over P bytes, the same depths, head
+    dim of the global model (its heads for both stages), a 4x MLP (the parameters of our SwiGLU).
+    ``forward(ids)`` returns logits [B, T, V] (flash attention, SDPA)."""
+    from MEGABYTE_pytorch import MEGABYTE
+
+    c = config
+    Wg = c.patch_size * c.global_dim
+    net = MEGABYTE(num_tokens=c.vocab_size, dim=(Wg, c.local_dim), depth=(c.global_layers, c.local_layers),
+                   max_seq_len=(c.max_seq_len // c.patch_size, c.patch_size), dim_head=Wg // c.global_heads,
+                   heads=c.global_heads, ff_mult=4, pad_id=c.pad_id, flash_attn=True)  # fmt: skip
+
+    class Logits(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, ids, modality):
+            return self.net(ids)
+
+    return Logits()
+
+
+def transformers_blt(config) -> torch.nn.Module:
+    """transformers' ``BltForCausalLM`` at a polybyte BLT config's shapes (encoder, latent and
+    decoder widths, depths, heads and MLP widths; hash n-gram sizes and table size; k), SDPA
+    attention. Its patcher is off: ``forward`` passes strided patch lengths of
+    ``patcher.patch_size`` (our entropy threshold is calibrated to that mean), so its entropy
+    model never runs — ours does, inside our step."""
+    from transformers import BltConfig, BltForCausalLM
+
+    from polybyte.models.layers import swiglu_hidden
+
+    c, T, k = config, config.max_seq_len, config.cross_attn_k
+
+    def local(m, **extra):
+        return dict(hidden_size=m.dim, num_attention_heads=m.n_heads, num_hidden_layers=m.n_layers,
+                    intermediate_size=m.mlp_hidden or swiglu_hidden(m.dim), max_position_embeddings=T,
+                    vocab_size=c.vocab_size, cross_attn_k=k, hidden_size_global=c.latent.dim, **extra)  # fmt: skip
+
+    G = c.latent
+    hf = BltConfig(
+        vocab_size=c.vocab_size, max_position_embeddings=T, patch_in_forward=False,
+        patch_size=c.patcher.patch_size, cross_attn_k=k,
+        encoder_hash_byte_group_size=list(c.hash_ngrams.sizes),
+        encoder_hash_byte_group_vocab=c.hash_ngrams.table_size,
+        encoder_hash_byte_group_nb_functions=c.hash_ngrams.num_functions,
+        encoder_config=local(c.encoder), decoder_config=local(c.decoder),
+        global_config=dict(hidden_size=G.dim, num_attention_heads=G.n_heads, num_hidden_layers=G.n_layers,
+                           intermediate_size=G.mlp_hidden or swiglu_hidden(G.dim), max_position_embeddings=T),
+    )  # fmt: skip
+    hf._attn_implementation = "sdpa"
+    net = BltForCausalLM(hf)
+    P = c.patcher.patch_size
+
+    class Logits(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, ids, modality):
+            B, T = ids.shape
+            lengths = torch.full((B, -(-T // P)), P, dtype=torch.long, device=ids.device)
+            lengths[:, -1] = T - P * (lengths.shape[1] - 1)
+            return self.net(input_ids=ids, patch_lengths=lengths, use_cache=False).logits
+
+    return Logits()
+
+
+def _time_training(net, params, batches, pad_id: int, steps: int, warmup: int, cuda: bool, aux=None,
+                   profile: Path | None = None):  # fmt: skip
+    """Run ``warmup`` then ``steps`` training steps (bf16 autocast on CUDA, the loss of
+    models.base.nll_loss, gradient clipping at 1.0, fused AdamW on CUDA) of ``net(ids, modality)``;
+    returns (seconds of the timed steps, mean patch length or None, seconds of the warm-up).
+    ``aux``: the model whose ``aux`` holds BLT patch counts (read once, at the end).
+    ``profile``: afterwards, run 3 more steps under torch.profiler and write its operator table
+    (sorted by device time) to this file."""
+    from polybyte.models.base import nll_loss
+
+    device = batches[0][0].device
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=cuda)
+    patches, patch_bytes = 0, 0
+
+    def step(i):
+        ids, modality = batches[i % len(batches)]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            loss, _ = nll_loss(net(ids, modality), ids, pad_id)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    t0 = time.perf_counter()
+    for i in range(warmup):
+        step(i)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+    warm_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for i in range(steps):
+        step(i)
+        if aux is not None and "num_patches" in aux.aux:  # device sums, no sync per step
+            patches = patches + aux.aux["num_patches"]
+            patch_bytes = patch_bytes + aux.aux["num_bytes"]
+    if cuda:
+        end.record()
+        torch.cuda.synchronize()
+        seconds = start.elapsed_time(end) / 1000
+    else:
+        seconds = time.perf_counter() - t0
+    mean_patch = float(patch_bytes) / float(patches) if isinstance(patches, torch.Tensor) else None
+    if profile is not None:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as profiler
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profiler(activities=activities) as prof:
+            for i in range(3):
+                step(i)
+            if cuda:
+                torch.cuda.synchronize()
+        key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        profile.parent.mkdir(parents=True, exist_ok=True)
+        profile.write_text(prof.key_averages().table(sort_by=key, row_limit=45, max_name_column_width=70))
+    del opt
+    return seconds, mean_patch, warm_s
+
+
 def bench_train(configs: list[str], text: str | None, batch_size: int, steps: int, warmup: int,
-                compile_model: bool) -> list[dict]:  # fmt: skip
-    """Time training steps of each config; returns one result dict per config."""
+                compile_model: bool, peers: bool = False, report=None, profile_dir: str | None = None) -> list[dict]:  # fmt: skip
+    """Time training steps of each config (and with ``peers``, the peer implementation of each
+    MEGABYTE / BLT config at its shapes, right after it); returns one result dict per row.
+    ``report(row)`` is called with each row as soon as it is measured. ``profile_dir``: write a
+    torch.profiler operator table per row there (``NAME.txt``)."""
     from polybyte.models import build_model
     from polybyte.pipelines.lit import device_peak_flops
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
     corpus = np.frombuffer(Path(text).read_bytes(), dtype=np.uint8) if text else None
+    peak = device_peak_flops(device)
     results = []
+
+    def emit(row):
+        row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+        results.append(row)
+        if report is not None:
+            report(row)
+
+    def say(msg):
+        if report is not None:
+            print(msg, flush=True)
+
     for path in configs:
         model_cfg = _model_config(path)
         torch.manual_seed(0)
@@ -111,68 +280,86 @@ def bench_train(configs: list[str], text: str | None, batch_size: int, steps: in
             # threshold on this data to the configured mean patch length, as a trained one would be.
             ids, modality = batch()
             model.calibrate_threshold(ids, modality)
-        net = torch.compile(model) if compile_model else model
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=cuda)
         batches = [batch() for _ in range(4)]
-
-        def step(i):
-            ids, modality = batches[i % len(batches)]
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                from polybyte.models.base import nll_loss
-
-                loss, _ = nll_loss(net(ids, modality), ids, model.config.pad_id)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return loss
-
-        for i in range(warmup):
-            step(i)
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-        t0 = time.perf_counter()
-        patches = 0.0
-        for i in range(steps):
-            step(i)
-            if "num_patches" in model.aux:
-                patches += float(model.aux["num_patches"]) / float(model.aux.get("num_bytes", batch_size * seq_len))
-        if cuda:
-            end.record()
-            torch.cuda.synchronize()
-            seconds = start.elapsed_time(end) / 1000
-        else:
-            seconds = time.perf_counter() - t0
+        name = Path(path).name
+        say(f"{name}: {'compiling (torch.compile of the model) and ' if compile_model else ''}"
+            f"warming up {warmup} steps ...")  # fmt: skip
+        net = torch.compile(model) if compile_model else model
+        params = [p for p in model.parameters() if p.requires_grad]
+        prof = Path(profile_dir) / f"{Path(name).stem}.txt" if profile_dir else None
+        seconds, mean_patch, warm_s = _time_training(net, params, batches, model.config.pad_id, steps, warmup,
+                                                     cuda, aux=model, profile=prof)  # fmt: skip
         bytes_per_s = steps * batch_size * seq_len / seconds
-        mean_patch = steps / patches if patches else None
         flops = model.flops_per_byte(mean_patch_len=mean_patch)
-        peak = device_peak_flops(device)
-        results.append({
-            "config": path, "backbone": model.backbone, "params": model.num_params(), "seq_len": seq_len,
-            "batch_size": batch_size, "ms_per_step": 1000 * seconds / steps, "bytes_per_s": bytes_per_s,
-            "flops_per_byte": flops, "mfu": flops * bytes_per_s / peak if peak else None,
-            "mean_patch_len": mean_patch, "compiled": compile_model,
-            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-        })  # fmt: skip
-        del net, model, opt
+        ours = {
+            "config": path, "name": name, "impl": "polybyte", "backbone": model.backbone,
+            "params": model.num_params(), "seq_len": seq_len, "batch_size": batch_size,
+            "ms_per_step": 1000 * seconds / steps, "bytes_per_s": bytes_per_s, "flops_per_byte": flops,
+            "mfu": flops * bytes_per_s / peak if peak else None, "mean_patch_len": mean_patch,
+            "compiled": compile_model, "warmup_s": warm_s, "peer": None,
+        }  # fmt: skip
+        del net, batches[1:]
+        if peers and model.backbone in PEER_MODULES:
+            emit(ours)
+            make = lucidrains_megabyte if model.backbone == "megabyte" else transformers_blt
+            torch.manual_seed(0)
+            peer = make(model.config).to(device)
+            peer_name = f"{PEER_NAMES[model.backbone]} @ {name}"
+            peer_compiled = compile_model
+            say(f"{peer_name}: {'compiling and ' if compile_model else ''}warming up {warmup} steps ...")
+            batches = [batch() for _ in range(4)]
+            ps = [p for p in peer.parameters() if p.requires_grad]
+            try:
+                net = torch.compile(peer) if compile_model else peer
+                prof = Path(profile_dir) / f"{Path(name).stem}-peer.txt" if profile_dir else None
+                seconds, _, warm_s = _time_training(net, ps, batches, model.config.pad_id, steps, warmup, cuda,
+                                                    profile=prof)  # fmt: skip
+            except Exception as e:  # a peer that does not compile is timed eagerly, and says so
+                if not compile_model:
+                    raise
+                say(f"{peer_name}: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); eager")
+                peer_compiled = False
+                seconds, _, warm_s = _time_training(peer, ps, batches, model.config.pad_id, steps, warmup, cuda)
+            peer_bps = steps * batch_size * seq_len / seconds
+            ours["peer"] = peer_name
+            ours["vs_peer"] = bytes_per_s / peer_bps
+            emit({
+                "config": path, "name": peer_name, "impl": PEER_MODULES[model.backbone], "backbone": model.backbone,
+                "params": sum(p.numel() for p in peer.parameters()), "seq_len": seq_len, "batch_size": batch_size,
+                "ms_per_step": 1000 * seconds / steps, "bytes_per_s": peer_bps, "flops_per_byte": None, "mfu": None,
+                "mean_patch_len": float(model.config.patcher.patch_size) if model.backbone == "blt" else None,
+                "compiled": peer_compiled, "warmup_s": warm_s, "peer": None, "ours_vs_peer": bytes_per_s / peer_bps,
+            })  # fmt: skip
+            del peer, net, ps
+        else:
+            emit(ours)
+        del model, params
         if cuda:
             torch.cuda.empty_cache()
     return results
 
 
-def print_train(results: list[dict]) -> None:
-    base = results[0]["bytes_per_s"]
+def print_train_header(batch_size: int) -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    print(f"train steps on {device} (bf16 autocast on GPU), batch {results[0]['batch_size']}:")
-    print(f"{'config':<34} {'params':>8} {'seq':>6} {'ms/step':>8} {'bytes/s':>12} {'MFU':>6} {'patch':>6} {'vs first':>8}")
+    print(f"train steps on {device} (bf16 autocast and fused AdamW on GPU), batch {batch_size}:")
+    print(f"{'model':<40} {'params':>8} {'seq':>6} {'compiled':>8} {'warm s':>7} {'ms/step':>8} {'bytes/s':>12} "
+          f"{'MFU':>6} {'patch':>6} {'vs first':>8} {'ours/peer':>9}", flush=True)  # fmt: skip
+
+
+def print_train_row(r: dict, base: float) -> None:
+    mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
+    patch = f"{r['mean_patch_len']:.2f}" if r["mean_patch_len"] else "-"
+    vs_peer = r.get("ours_vs_peer")
+    ratio = f"{vs_peer:.2f}x" if vs_peer is not None else "-"
+    print(f"{r['name']:<40} {r['params'] / 1e6:>7.1f}M {r['seq_len']:>6} {'yes' if r['compiled'] else 'no':>8} "
+          f"{r['warmup_s']:>7.1f} {r['ms_per_step']:>8.1f} {r['bytes_per_s']:>12,.0f} {mfu:>6} {patch:>6} "
+          f"{r['bytes_per_s'] / base:>7.2f}x {ratio:>9}", flush=True)  # fmt: skip
+
+
+def print_train(results: list[dict]) -> None:
+    print_train_header(results[0]["batch_size"])
     for r in results:
-        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
-        patch = f"{r['mean_patch_len']:.2f}" if r["mean_patch_len"] else "-"
-        print(f"{Path(r['config']).name:<34} {r['params'] / 1e6:>7.1f}M {r['seq_len']:>6} {r['ms_per_step']:>8.1f} "
-              f"{r['bytes_per_s']:>12,.0f} {mfu:>6} {patch:>6} {r['bytes_per_s'] / base:>7.2f}x")  # fmt: skip
+        print_train_row(r, results[0]["bytes_per_s"])
 
 
 def _sample_model(spec: str, device: torch.device):
@@ -366,15 +553,49 @@ def bench_data(
     }
 
 
+def _train_input_error(args) -> str | None:
+    """One line saying what is wrong with ``--what train``'s arguments, or None."""
+    missing = [c for c in args.model if not Path(c).is_file()]
+    if missing:
+        return f"config not found: {', '.join(missing)}"
+    if args.text is not None and not Path(args.text).is_file():
+        return f"--text {args.text}: no such file"
+    if args.steps < 1 or args.warmup < 0 or args.train_batch_size < 1:
+        return "--steps and --train-batch-size must be >= 1, --warmup >= 0"
+    for c in args.model:
+        try:
+            model = _model_config(c)
+        except Exception as e:  # not YAML, or no model.model section
+            return f"{c}: not a LightningCLI config with a model.model section ({type(e).__name__})"
+        if not isinstance(model, dict) or "backbone" not in model:
+            return f"{c}: model.model has no backbone"
+    if args.peers:
+        absent = missing_peers()
+        if absent:
+            return f"--peers needs the bench extra (pip install -e \".[bench]\"); not installed: {', '.join(absent)}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.what == "train":
-        missing = [c for c in args.model if not Path(c).is_file()]
-        if missing:
-            print(f"polybyte bench: config not found: {', '.join(missing)}", file=sys.stderr)
+        bad = _train_input_error(args)
+        if bad:
+            print(f"polybyte bench: {bad}", file=sys.stderr)
             return 2
-        results = bench_train(args.model, args.text, args.train_batch_size, args.steps, args.warmup, args.compile)
-        print_train(results)
+        print_train_header(args.train_batch_size)
+        first: list[float] = []
+
+        def report(row):  # each row as soon as it is measured; "vs first" = ratio to the first row
+            if not first:
+                first.append(row["bytes_per_s"])
+            print_train_row(row, first[0])
+
+        results = bench_train(args.model, args.text, args.train_batch_size, args.steps, args.warmup, args.compile,
+                              peers=args.peers, report=report, profile_dir=args.profile)  # fmt: skip
+        for r in results:
+            if r.get("vs_peer") is not None:
+                print(f"{r['name']}: {r['vs_peer']:.2f}x {r['peer']} (bytes/s, same run)")
         if args.json:
             import json
 

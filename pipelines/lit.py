@@ -24,7 +24,7 @@ from polybyte.modalities import TAG_NAMES
 from polybyte.models import ByteLM, build_model, config_to_dict
 from polybyte.models.base import nll_loss
 
-from .data import BPBMeter, ByteDataModule
+from .data import LN2, MODALITY_TAGS, NUM_BYTES, BPBMeter, ByteDataModule
 from .export import load_exported, save_exported
 
 # Dense bf16 tensor-core peaks (datasheet, FLOP/s) used for MFU; unknown devices log no MFU.
@@ -82,6 +82,8 @@ class ByteLMModule(L.LightningModule):
         # throughput since the last logging step (see _log_throughput)
         self._t_last: float | None = None
         self._bytes, self._patches, self._patch_bytes = 0, 0, 0
+        self._loss_sum, self._loss_steps = 0, 0  # train/loss: device sum over the interval
+        self._fused = False  # fused AdamW (see configure_optimizers)
         self._peak_flops: float | None = None
         self._compiled = None
 
@@ -135,7 +137,14 @@ class ByteLMModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         ids, modality, loss, nll = self._step(batch)
         B, T = ids.shape
-        self.log("train/loss", loss, prog_bar=True)
+        # Nothing here reads a device value back except on logging steps: a host sync per step
+        # would leave the GPU idle while the host queues the backward pass. train/loss is the
+        # mean over the steps since the last logging step, read once (progress-bar values that
+        # stay device tensors would be read back at every step).
+        self._loss_sum, self._loss_steps = self._loss_sum + loss.detach(), self._loss_steps + 1
+        if self._is_log_step():
+            self.log("train/loss", float(self._loss_sum) / self._loss_steps, prog_bar=True)
+            self._loss_sum, self._loss_steps = 0, 0
         self._log_train_bpb(nll.detach(), ids, modality)
         self._log_throughput(B * T)
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
@@ -149,7 +158,14 @@ class ByteLMModule(L.LightningModule):
         modalities they held. Written to the loggers directly: through ``self.log`` a modality
         missing from a batch would be logged again with its last value (Lightning re-logs every
         key it has seen this epoch at each step)."""
-        self.train_meter.update(nll, ids, modality)
+        # BPBMeter.update without its tag check (a host sync): training batches come from
+        # ByteDataModule, whose rows carry tag ids only
+        slot = modality - MODALITY_TAGS[0]
+        payload = ids < NUM_BYTES
+        zeros = torch.zeros(len(MODALITY_TAGS), dtype=torch.float64, device=nll.device)
+        meter = self.train_meter
+        meter.bits = meter.bits.to(nll.device) + zeros.index_add(0, slot, torch.where(payload, nll.double(), 0.0).sum(1) / LN2)
+        meter.count = meter.count.to(nll.device) + zeros.index_add(0, slot, payload.sum(1).double())
         if not self._is_log_step():
             return
         values = {f"train/bpb_{name}": bpb for name, bpb in self.train_meter.compute().items()}
@@ -222,8 +238,12 @@ class ByteLMModule(L.LightningModule):
             if p.requires_grad:
                 (keep if no_decay(name, p, module_types) else decay).append(p)
         groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": keep, "weight_decay": 0.0}]
-        # foreach, not fused: Lightning's mixed-precision plugin refuses to clip a fused optimizer's gradients
-        opt = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), foreach=True)
+        # Fused AdamW (one kernel for the whole update) on CUDA unless fp16 needs a grad scaler;
+        # Lightning refuses to clip a fused optimizer's gradients, so configure_gradient_clipping
+        # clips them itself (bf16 and fp32 gradients are never scaled).
+        cuda = next(self.model.parameters()).is_cuda
+        self._fused = cuda and str(getattr(self.trainer, "precision", "")) not in ("16-mixed", "16")
+        opt = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), **({"fused": True} if self._fused else {"foreach": True}))
         total = hp.max_steps if hp.max_steps > 0 else max(int(self.trainer.max_steps), 1)
         warm = max(int(hp.warmup_steps), 0)
 
@@ -235,6 +255,16 @@ class ByteLMModule(L.LightningModule):
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        if not self._fused or not gradient_clip_val:
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val, foreach=True)
 
 
 class ExportCheckpoint(ModelCheckpoint):
