@@ -132,6 +132,16 @@ def sliding_window_mask(window: int, q_offset: int = 0) -> MaskMod:
     return mask_mod
 
 
+def block_causal_mask(block: int) -> MaskMod:
+    """Causal inside consecutive blocks of ``block`` positions, nothing across them: MEGABYTE's
+    local attention run over a whole row at once (patch k = positions k·P .. k·P+P-1)."""
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (q_idx // block == kv_idx // block) & (q_idx >= kv_idx)
+
+    return mask_mod
+
+
 def document_causal_mask(doc_ids: torch.Tensor, q_offset: int = 0) -> MaskMod:
     """Block-causal: causal, and a query sees only keys of its own document. doc_ids [B, T]."""
 
@@ -268,7 +278,12 @@ def masked_attention(
     elif (mask.q_len, mask.kv_len) != (Tq, Tk):
         raise ValueError(f"prepared mask is for {mask.q_len}x{mask.kv_len}, attention is {Tq}x{Tk}")
     if mask.block_mask is not None:
-        flex = _compiled_flex() if q.device.type == "cuda" else _eager_flex()
+        # inside a compiled model dynamo traces flex_attention itself (calling the separately
+        # compiled kernel from there would break the graph at every attention)
+        if torch.compiler.is_compiling():
+            from torch.nn.attention.flex_attention import flex_attention as flex
+        else:
+            flex = _compiled_flex() if q.device.type == "cuda" else _eager_flex()
         return flex(q, k, v, block_mask=mask.block_mask, enable_gqa=gqa)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, enable_gqa=gqa)
     # Some SDPA kernels return NaN for a query with no allowed key; FlexAttention returns 0.

@@ -33,7 +33,18 @@ from torch import nn
 
 from . import flops
 from .base import ByteLM, ByteLMConfig, register_backbone
-from .layers import Block, DeviceKVCache, KVCache, RMSNorm, RoPE, init_normal, init_residual_projections, prepare_mask
+from .layers import (
+    Block,
+    DeviceKVCache,
+    KVCache,
+    RMSNorm,
+    RoPE,
+    block_causal_mask,
+    init_normal,
+    init_residual_projections,
+    prepare_mask,
+    use_flex,
+)
 
 
 @dataclasses.dataclass
@@ -217,16 +228,27 @@ class Megabyte(ByteLM):
 
     def _run_local(self, x: torch.Tensor, K: int, keep_inputs: bool = False):
         """Local decoder over all patches: x [B·K, P, D_L] -> (logits [B·K, P, V], layer inputs
-        [L, B·K, P, D_L] if keep_inputs else None)."""
+        [L, B·K, P, D_L] if keep_inputs else None).
+
+        Without cross-patch attention on CUDA the B·K attentions of P bytes run as one
+        FlexAttention per row over its K·P bytes with a block-diagonal causal mask (only the
+        diagonal 128x128 tiles are computed; as separate P-byte problems every kernel tile would
+        be >98% padding). Elsewhere, and with cross-patch attention, they run per patch."""
         r, P = self.config.cross_patch_r, self.config.patch_size
         BK, _, Dl = x.shape
-        pos = torch.arange(r, r + P, device=x.device)
+        flat = not r and use_flex(x.device, K * P)
+        if flat:  # [B*K, P, D_L] -> [B, K*P, D_L]; RoPE positions restart at every patch
+            x = x.reshape(BK // K, K * P, Dl)
+            pos = torch.arange(K * P, device=x.device) % P
+            mask = prepare_mask(block_causal_mask(P), None, K * P, K * P, x.device)
+        else:
+            pos = torch.arange(r, r + P, device=x.device)
         if r:  # one mask for every layer, rows b*K + k: [B*K, 1, P, r+P]
             mask = prepare_mask(_cross_patch_mask(r, K), BK, P, r + P, x.device)
         kept = []
         for blk in self.local_blocks:
             if keep_inputs:
-                kept.append(x)
+                kept.append(x.reshape(BK, P, Dl))
             h = blk.attn_norm(x)
             if r:
                 # last r normed inputs of each patch: [B*K, P, D_L] -> [B, K, r, D_L], moved one
@@ -241,11 +263,13 @@ class Megabyte(ByteLM):
                     mask_mod=mask,
                     causal=False,
                 )
+            elif flat:
+                a = blk.attn(h, positions=pos, mask_mod=mask)
             else:
                 a = blk.attn(h, positions=pos, causal=True)
             x = x + a
             x = x + blk.mlp(blk.mlp_norm(x))
-        logits = self.head(self.local_norm(x))
+        logits = self.head(self.local_norm(x)).reshape(BK, P, -1)  # [B*K, P, V]
         return logits, (torch.stack(kept) if keep_inputs else None)
 
     # --- training / scoring -------------------------------------------------------------------

@@ -326,3 +326,48 @@ def test_calibrate_threshold_hits_target_mean_patch_length():
     model(ids, modality)
     mean = float(model.aux["num_bytes"]) / float(model.aux["num_patches"])
     assert 3.0 <= mean <= 5.0
+
+
+def test_fixed_patch_capacity_compiles_once_across_patch_counts():
+    """With patcher.max_patches_ratio the patch dimension is fixed: batches with different
+    patch counts reuse one compiled graph (no recompile, no graph break in patching), and rows
+    that fit give the same logits as the exact (data-sized) patch dimension."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    cfg = tiny("space")
+    cfg.patcher = dataclasses.replace(cfg.patcher, max_patches_ratio=3.0)  # 3 x 64/3 -> 64 slots
+    model = BLT(cfg).eval()
+    exact = BLT(tiny("space")).eval()
+    exact.load_state_dict(model.state_dict())
+    compiled = torch.compile(model, backend="eager", fullgraph=True)  # fullgraph: a break raises
+    modality = torch.tensor([TEXT, TEXT])
+    counts = set()
+    with torch.no_grad():
+        out = compiled(text_ids(2, 64, seed=11), modality)
+        torch._dynamo.config.error_on_recompile = True
+        try:
+            for seed in (12, 13, 14):
+                ids = text_ids(2, 64, seed=seed)
+                ids[1, 40 + seed :] = PAD
+                counts.add(int(model.patch(ids, modality)[1].max()))
+                out = compiled(ids, modality)
+                assert (out - exact(ids, modality)).abs().max() < 1e-5
+        finally:
+            torch._dynamo.config.error_on_recompile = False
+    assert len(counts) > 1  # the batches really had different patch counts
+    torch._dynamo.reset()
+
+
+def test_patch_capacity_merges_overflow_into_the_last_slot():
+    ids = text_ids(2, 64, seed=1)
+    cfg = patching.PatcherConfig(kind="strided", patch_size=1, max_patches_ratio=0.5)  # 32 slots
+    assert cfg.capacity(64) == 64  # rounded up to a multiple of 64, at most T
+    cfg = patching.PatcherConfig(kind="strided", patch_size=4, max_patches_ratio=0.5)
+    assert cfg.capacity(1024) == 128
+    lengths, patch_ids = patching.patch(ids, patching.PatcherConfig(kind="strided", patch_size=1, max_patches_ratio=0.01))
+    assert lengths.shape == (2, 64) and patch_ids.max() == 63  # capacity min(T, 64) = 64 slots
+    cfg = patching.PatcherConfig(kind="strided", patch_size=1, max_patches_ratio=0.01)
+    ids = text_ids(2, 256, seed=2)
+    lengths, patch_ids = patching.patch(ids, cfg)
+    assert lengths.shape == (2, 64) and int(patch_ids.max()) == 63
+    assert lengths[:, -1].tolist() == [256 - 63, 256 - 63] and (lengths.sum(1) == 256).all()

@@ -259,3 +259,44 @@ def test_checkpoints_with_separate_projections_still_load(kv_dim):
         other.load_state_dict(old)
         kv = torch.randn(2, 7, kv_dim)
         assert torch.equal(other(x, kv, causal=False), attn(x, kv, causal=False))
+
+
+# --- short attentions and the block-diagonal mask (MEGABYTE's local model) ---------------------
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("Hkv", [4, 2])
+def test_short_attention_equals_sdpa_and_reference(causal, Hkv):
+    q, k, v = qkv(B=3, H=4, Hkv=Hkv, Tq=8, Tk=8, seed=int(causal) + Hkv)
+    assert 8 <= L.SHORT_KV_LEN  # this path is the one masked_attention takes
+    out = L.masked_attention(q, k, v, None, causal=causal)
+    rep = 4 // Hkv
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), is_causal=causal)  # fmt: skip
+    assert (out - ref).abs().max() < 1e-5
+    mask = torch.ones(8, 8, dtype=torch.bool).tril() if causal else torch.ones(8, 8, dtype=torch.bool)
+    assert (out - reference_attention(q, k, v, mask[None, None])).abs().max() < 1e-5
+
+
+def test_short_attention_is_causal():
+    q, k, v = qkv(B=2, H=2, Hkv=2, Tq=8, Tk=8, seed=5)
+    out = L.short_attention(q, k, v, causal=True, gqa=False)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, 5:] += 3.0
+    v2[:, :, 5:] -= 2.0
+    out2 = L.short_attention(q, k2, v2, causal=True, gqa=False)
+    assert torch.equal(out[:, :, :5], out2[:, :, :5])
+    assert not torch.allclose(out[:, :, 5:], out2[:, :, 5:])
+
+
+def test_block_causal_mask_over_a_row_equals_attention_per_block():
+    """One attention over K·P positions with the block-diagonal causal mask (MEGABYTE's local
+    model on CUDA, via FlexAttention) = K separate causal attentions of P positions."""
+    B, H, K, P, Dh = 2, 2, 5, 8, 16
+    q, k, v = qkv(B=B, H=H, Hkv=H, Tq=K * P, Tk=K * P, Dh=Dh, seed=7)
+    flat = L.masked_attention(q, k, v, L.block_causal_mask(P), backend="sdpa")
+
+    def per_patch(t):  # [B, H, K*P, Dh] -> [B*K, H, P, Dh]
+        return t.view(B, H, K, P, Dh).permute(0, 2, 1, 3, 4).reshape(B * K, H, P, Dh)
+
+    sep = L.masked_attention(per_patch(q), per_patch(k), per_patch(v), None, causal=True)
+    sep = sep.view(B, K, H, P, Dh).permute(0, 2, 1, 3, 4).reshape(B, H, K * P, Dh)
+    assert (flat - sep).abs().max() < 1e-5

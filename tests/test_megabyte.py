@@ -191,3 +191,26 @@ def test_registry_round_trip():
     assert isinstance(m, Megabyte) and m.config == cfg
     with pytest.raises(ValueError, match="unknown keys"):
         build_model({**d, "patch": 4})
+
+
+@pytest.mark.gpu
+def test_local_model_over_whole_rows_equals_per_patch_on_cuda(monkeypatch):
+    """On CUDA the local model runs as one block-diagonal FlexAttention per row; it must give
+    the per-patch path's logits and gradients."""
+    import polybyte.models.megabyte as M
+
+    model = tiny(max_seq_len=512).cuda()
+    ids = torch.randint(0, 256, (2, 512), device="cuda")
+    modality = torch.tensor([TEXT, IMAGE], device="cuda")
+
+    def run():
+        model.zero_grad()
+        loss, _ = nll_loss(model(ids, modality), ids, 256)
+        loss.backward()
+        return model(ids, modality).detach(), model.local_blocks[0].attn.wqkv.weight.grad.clone()
+
+    flat, g_flat = run()
+    monkeypatch.setattr(M, "use_flex", lambda device, q_len=0: False)
+    sep, g_sep = run()
+    assert (flat - sep).abs().max() < 1e-4
+    assert (g_flat - g_sep).abs().max() < 1e-4 * max(1.0, g_sep.abs().max().item())
