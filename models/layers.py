@@ -244,6 +244,31 @@ def prepare_mask(
     return AttentionMask(q_len, kv_len, dense=dense_mask(mask_mod, B or 1, q_len, kv_len, device))
 
 
+# create_block_mask evaluates the mask_mod on all q_len x kv_len pairs: past this length the
+# block-diagonal mask is written from its known tiles instead (block_diagonal_mask)
+DIRECT_BLOCK_MASK_MIN_LEN = 65536
+FLEX_BLOCK = 128  # FlexAttention's default tile (queries and keys)
+
+
+def block_diagonal_mask(block: int, n: int, device, backend: str | None = None) -> AttentionMask:
+    """``prepare_mask(block_causal_mask(block), None, n, n, device, backend)``. For FlexAttention
+    over long rows (n >= DIRECT_BLOCK_MASK_MIN_LEN, ``block`` dividing the 128-wide tile and n a
+    multiple of it) the BlockMask is written directly: each query tile sees only its own key
+    tile. Its index table is (n/128)² int32 (268 MB at n = 2^20), where create_block_mask would
+    evaluate all n² pairs (10^12 for MEGABYTE's million-byte windows)."""
+    direct = n >= DIRECT_BLOCK_MASK_MIN_LEN and FLEX_BLOCK % block == 0 and n % FLEX_BLOCK == 0
+    if direct and _pick_backend(device, n, backend) == "flex":
+        from torch.nn.attention.flex_attention import BlockMask
+
+        tiles = n // FLEX_BLOCK
+        num = torch.ones(1, 1, tiles, dtype=torch.int32, device=device)  # [B=1, H=1, q tiles]
+        idx = torch.zeros(1, 1, tiles, tiles, dtype=torch.int32, device=device)  # [.., q tile, slot]
+        idx[..., 0] = torch.arange(tiles, dtype=torch.int32, device=device)  # slot 0: its own tile
+        mask = BlockMask.from_kv_blocks(num, idx, mask_mod=block_causal_mask(block), seq_lengths=(n, n))
+        return AttentionMask(n, n, block_mask=mask)
+    return prepare_mask(block_causal_mask(block), None, n, n, device, backend)
+
+
 def masked_attention(
     q: torch.Tensor,
     k: torch.Tensor,

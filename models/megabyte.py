@@ -30,6 +30,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from . import flops
 from .base import ByteLM, ByteLMConfig, register_backbone
@@ -39,7 +40,7 @@ from .layers import (
     KVCache,
     RMSNorm,
     RoPE,
-    block_causal_mask,
+    block_diagonal_mask,
     init_normal,
     init_residual_projections,
     prepare_mask,
@@ -70,6 +71,10 @@ class MegabyteConfig(ByteLMConfig):
     # previous patch (its keys/values in the same layer). 0 = off (the paper's default model);
     # 1 <= r <= patch_size.
     cross_patch_r: int = 0
+    # Activation checkpointing: in training, keep only each block's input and recompute the block
+    # in the backward pass (about a third more compute for far less activation memory; what lets
+    # million-byte windows train on one GPU, configs/text-megabyte-1m.yaml).
+    activation_checkpointing: bool = False
     first_tag_id: int = 258  # id of the first modality tag (258 text, 259 image, 260 audio, ...)
     num_tags: int = 6  # modality tags first_tag_id .. first_tag_id+num_tags-1 get a pad patch each
     norm_eps: float = 1e-5  # RMSNorm epsilon
@@ -213,7 +218,10 @@ class Megabyte(ByteLM):
         B, n, _ = x.shape
         positions = None if caches is not None else torch.arange(n, device=x.device)  # caches know theirs
         for i, blk in enumerate(self.global_blocks):
-            x = blk(x, positions=positions, causal=True, cache=None if caches is None else caches[i])
+            if caches is None and self._checkpointing():
+                x = checkpoint(blk, x, use_reentrant=False, positions=positions, causal=True)
+            else:
+                x = blk(x, positions=positions, causal=True, cache=None if caches is None else caches[i])
         x = self.global_norm(x)
         x = x.view(B, n, self.config.patch_size, self.config.global_dim)  # [B, n, P*D_G] -> [B, n, P, D_G]
         return self.proj(x)  # [B, n, P, D_L]
@@ -240,15 +248,13 @@ class Megabyte(ByteLM):
         if flat:  # [B*K, P, D_L] -> [B, K*P, D_L]; RoPE positions restart at every patch
             x = x.reshape(BK // K, K * P, Dl)
             pos = torch.arange(K * P, device=x.device) % P
-            mask = prepare_mask(block_causal_mask(P), None, K * P, K * P, x.device)
+            mask = block_diagonal_mask(P, K * P, x.device)
         else:
             pos = torch.arange(r, r + P, device=x.device)
         if r:  # one mask for every layer, rows b*K + k: [B*K, 1, P, r+P]
             mask = prepare_mask(_cross_patch_mask(r, K), BK, P, r + P, x.device)
-        kept = []
-        for blk in self.local_blocks:
-            if keep_inputs:
-                kept.append(x.reshape(BK, P, Dl))
+
+        def layer(x, blk):  # one local block: [B*K, P, D_L] (flat: [B, K*P, D_L]) -> same
             h = blk.attn_norm(x)
             if r:
                 # last r normed inputs of each patch: [B*K, P, D_L] -> [B, K, r, D_L], moved one
@@ -268,9 +274,18 @@ class Megabyte(ByteLM):
             else:
                 a = blk.attn(h, positions=pos, causal=True)
             x = x + a
-            x = x + blk.mlp(blk.mlp_norm(x))
+            return x + blk.mlp(blk.mlp_norm(x))
+
+        kept = []
+        for blk in self.local_blocks:
+            if keep_inputs:
+                kept.append(x.reshape(BK, P, Dl))
+            x = checkpoint(layer, x, blk, use_reentrant=False) if self._checkpointing() else layer(x, blk)
         logits = self.head(self.local_norm(x)).reshape(BK, P, -1)  # [B*K, P, V]
         return logits, (torch.stack(kept) if keep_inputs else None)
+
+    def _checkpointing(self) -> bool:
+        return self.config.activation_checkpointing and self.training and torch.is_grad_enabled()
 
     # --- training / scoring -------------------------------------------------------------------
     def forward(self, ids: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:

@@ -300,3 +300,18 @@ def test_block_causal_mask_over_a_row_equals_attention_per_block():
     sep = L.masked_attention(per_patch(q), per_patch(k), per_patch(v), None, causal=True)
     sep = sep.view(B, K, H, P, Dh).permute(0, 2, 1, 3, 4).reshape(B, H, K * P, Dh)
     assert (flat - sep).abs().max() < 1e-5
+
+
+def test_direct_block_diagonal_block_mask_equals_create_block_mask(monkeypatch):
+    """The BlockMask written from its tiles (long rows) = create_block_mask's, and attention
+    through it (unfused FlexAttention on CPU) = the dense block-causal mask."""
+    n, P = 512, 8
+    monkeypatch.setattr(L, "DIRECT_BLOCK_MASK_MIN_LEN", 256)
+    direct = L.block_diagonal_mask(P, n, "cpu", backend="flex").block_mask
+    made = L.prepare_mask(L.block_causal_mask(P), None, n, n, "cpu", backend="flex").block_mask
+    assert torch.equal(direct.to_dense(), made.to_dense())
+    q, k, v = qkv(B=1, H=2, Hkv=2, Tq=n, Tk=n, Dh=16, seed=9)
+    with torch.no_grad():
+        out = L.masked_attention(q, k, v, L.AttentionMask(n, n, block_mask=direct))
+        ref = L.masked_attention(q, k, v, L.block_causal_mask(P), backend="sdpa")
+    assert (out - ref).abs().max() < 1e-5

@@ -214,3 +214,18 @@ def test_local_model_over_whole_rows_equals_per_patch_on_cuda(monkeypatch):
     sep, g_sep = run()
     assert (flat - sep).abs().max() < 1e-4
     assert (g_flat - g_sep).abs().max() < 1e-4 * max(1.0, g_sep.abs().max().item())
+
+
+@pytest.mark.parametrize("r", [0, 2])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(r):
+    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(3))
+    modality = torch.tensor([TEXT, IMAGE])
+    out = {}
+    for ckpt in (False, True):
+        model = tiny(cross_patch_r=r, activation_checkpointing=ckpt).train()
+        loss, _ = nll_loss(model(ids, modality), ids, PAD)
+        loss.backward()
+        out[ckpt] = loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert torch.equal(out[False][0], out[True][0])
+    for name, grad in out[False][1].items():
+        assert torch.allclose(grad, out[True][1][name], atol=1e-6), name
