@@ -35,6 +35,7 @@ from torch.utils.checkpoint import checkpoint
 from . import flops
 from .base import ByteLM, ByteLMConfig, register_backbone
 from .layers import (
+    FLEX_BLOCK,
     Block,
     DeviceKVCache,
     KVCache,
@@ -238,13 +239,14 @@ class Megabyte(ByteLM):
         """Local decoder over all patches: x [B·K, P, D_L] -> (logits [B·K, P, V], layer inputs
         [L, B·K, P, D_L] if keep_inputs else None).
 
-        Without cross-patch attention on CUDA the B·K attentions of P bytes run as one
-        FlexAttention per row over its K·P bytes with a block-diagonal causal mask (only the
-        diagonal 128x128 tiles are computed; as separate P-byte problems every kernel tile would
-        be >98% padding). Elsewhere, and with cross-patch attention, they run per patch."""
+        Without cross-patch attention on CUDA, when patches tile 128-byte blocks, the B·K
+        attentions of P bytes run as one FlexAttention per row over its K·P bytes with a
+        block-diagonal causal mask (only the diagonal 128x128 tiles are computed; as separate
+        P-byte problems every kernel tile would be >98% padding). Otherwise they run per patch."""
         r, P = self.config.cross_patch_r, self.config.patch_size
         BK, _, Dl = x.shape
-        flat = not r and use_flex(x.device, K * P)
+        # patches must tile FlexAttention's 128-byte blocks exactly (P divides 128, K·P a multiple of it)
+        flat = not r and use_flex(x.device, K * P) and FLEX_BLOCK % P == 0 and (K * P) % FLEX_BLOCK == 0
         if flat:  # [B*K, P, D_L] -> [B, K*P, D_L]; RoPE positions restart at every patch
             x = x.reshape(BK // K, K * P, Dl)
             pos = torch.arange(K * P, device=x.device) % P
