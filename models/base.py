@@ -65,6 +65,13 @@ class ByteLM(nn.Module, ABC):
     def flops_per_byte(self, mean_patch_len: float | None = None) -> float:
         """Training FLOPs (forward + backward) per byte of the grid at ``seq_len``."""
 
+    @property
+    def max_stream_len(self) -> int | None:
+        """Longest stream (tag included) that incremental decoding continues faithfully: the
+        training window ``max_seq_len``; None where attention slides over ring caches, so a
+        sample may run past the window with every step seeing the last ``window`` tokens."""
+        return self.config.max_seq_len
+
     def generate(self, modality, prompts=None, max_bytes: int = 256, **kwargs) -> list[list[int]]:
         """Cached batched sampling; see `polybyte.models.generate.generate` for the arguments."""
         from .generate import generate

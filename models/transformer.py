@@ -169,6 +169,11 @@ class Transformer(ByteLM):
         return self.logits(self.hidden(self.inputs(ids, modality)))
 
     # --- incremental decoding -----------------------------------------------------------------
+    @property
+    def max_stream_len(self) -> int | None:
+        """None with a window: decoding keeps ``window`` slots per layer and slides on."""
+        return None if self.config.window is not None else self.config.max_seq_len
+
     def new_cache(
         self,
         B: int,

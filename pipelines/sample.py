@@ -38,6 +38,7 @@ from polybyte.modalities import TAGS, get_modality, modality_from_dict
 from polybyte.models.generate import generate
 
 TEXT_MAX_BYTES = 512  # default text continuation length
+GRID_CELL = 64  # grid.png shows images smaller than this many pixels enlarged (nearest) to about it
 
 
 class UsageError(Exception):
@@ -105,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
             f"the checkpoint was not trained on {args.modality!r}; it knows {sorted(known) or 'no modality'}"
         )
     adapter = modality_from_dict(known[args.modality])
-    window = info.get("seq_len")
+    # a model whose attention slides samples past its training window; others stop at it
+    window = info.get("seq_len") if model.max_stream_len is not None else None
     job = _JOBS[args.modality](adapter, args, window, model)
     prompt = job.prompt()
     new_bytes = job.max_new(len(prompt))
@@ -272,13 +274,14 @@ class _ImageJob(_Job):
         else:
             cols = math.ceil(math.sqrt(len(images)))
             cells = [images[r : r + cols] for r in range(0, len(images), cols)]
-        size = self.adapter.settings.size
+        scale = max(1, GRID_CELL // self.adapter.settings.size)  # small images enlarged, pixels kept sharp
+        size = self.adapter.settings.size * scale
         gap = max(1, size // 16)
         rows, cols = len(cells), max(len(r) for r in cells)
         grid = Image.new("RGB", (cols * size + (cols + 1) * gap, rows * size + (rows + 1) * gap), (255, 255, 255))
         for r, row in enumerate(cells):
             for c, im in enumerate(row):
-                grid.paste(im, (gap + c * (size + gap), gap + r * (size + gap)))
+                grid.paste(im.resize((size, size), Image.NEAREST), (gap + c * (size + gap), gap + r * (size + gap)))
         grid.save(out / "grid.png")
 
 

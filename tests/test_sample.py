@@ -53,8 +53,11 @@ def test_images_and_grid(ckpt, tmp_path, capsys):
     for i in range(3):
         with Image.open(out / f"image_{i:03d}.png") as im:
             assert im.size == (8, 8) and im.mode == "RGB"
-    with Image.open(out / "grid.png") as grid:
-        assert grid.size[0] > 2 * 8 and grid.size[1] > 2 * 8  # 2 x 2 cells for 3 images
+    with Image.open(out / "grid.png") as grid, Image.open(out / "image_002.png") as im:
+        cell = 64 // 8 * 8  # 8-pixel images are shown enlarged to 64 pixels, nearest neighbour
+        assert grid.size[0] > 2 * cell and grid.size[1] > 2 * cell  # 2 x 2 cells for 3 images
+        bottom_left = grid.crop((cell // 16, 2 * (cell // 16) + cell, cell // 16 + cell, 2 * (cell // 16) + 2 * cell))
+        assert bottom_left.resize((8, 8), Image.NEAREST).tobytes() == im.tobytes()  # third image, 8x enlarged
     assert "bytes/s" in capsys.readouterr().out
 
 
@@ -136,6 +139,25 @@ def test_bad_input_exits_2_with_a_message(ckpt, tmp_path, capsys, args, message)
     assert main(["--ckpt", str(ckpt), "--num", "1", "--out", str(tmp_path / "out"), *args]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_sliding_window_model_samples_past_its_window(tmp_path, capsys):
+    """A transformer whose attention window is its training window decodes on ring caches, so
+    text may run past seq_len; the same model without a window stops at it."""
+    torch.manual_seed(0)
+    for window, rc in ((32, 0), (None, 2)):
+        model = Transformer(TransformerConfig(dim=32, n_layers=1, n_heads=4, max_seq_len=32, window=window))
+        ckpt = save_exported(tmp_path / f"w{window}", model, {"text": TEXT.settings_dict()}, {"seq_len": 32})
+        out = tmp_path / f"out{window}"
+        args = ["--ckpt", str(ckpt), "--modality", "text", "--num", "2", "--out", str(out), "--max-bytes", "100",
+                "--seed", "0", "--device", "cpu", "--temperature", "0"]  # fmt: skip
+        assert main(args) == rc
+        if rc == 0:
+            assert model.max_stream_len is None
+            sampled = [len((out / f"text_{i:03d}.txt").read_bytes()) for i in range(2)]
+            assert sampled == [100, 100]  # 100 new bytes from a 32-byte window (greedy, no EOS here)
+        else:
+            assert model.max_stream_len == 32 and "exceed the model's window" in capsys.readouterr().err
 
 
 def test_modality_missing_from_checkpoint_and_long_prompt(text_only_ckpt, tmp_path, capsys):
