@@ -30,7 +30,10 @@ FLEX_MIN_Q_LEN = 128
 # Plain (unmasked or causal) attention over at most this many keys is written out as two batched
 # matmuls and a softmax (``short_attention``): SDPA's flash/cuDNN kernels tile 64-128 queries and
 # keys, so MEGABYTE's local attentions over 8 bytes would waste >98% of every tile and launch
-# one block per 8x8 problem; written out, torch.compile fuses the mask and softmax.
+# one block per 8x8 problem; written out, torch.compile fuses the mask and softmax (MEGABYTE
+# base, compiled, H200: 62.2 -> 52.5 ms per training step). On CUDA MEGABYTE's local model now
+# runs as one block-diagonal FlexAttention per row where it can (megabyte._run_local); this path
+# serves the rest (CPU, patch sizes that do not tile 128 bytes).
 SHORT_KV_LEN = 16
 
 
