@@ -7,8 +7,10 @@ dependencies is read:
   topics behind ``help()`` (``pydoc_data.topics``), the docstrings of ``builtins`` and the
   sources of a fixed list of standard-library modules. Modules missing from an install are
   skipped, so any CPython works; the exact text depends on the CPython version.
-* image — procedurally drawn RGB pictures (gradients, stripes, checkerboards, shapes, mild
-  noise) from a small shared palette: structure a byte model can learn and PNG can compress.
+* image — procedurally drawn RGB pictures (gradients, stripes, checkerboards, shapes) from a
+  small shared palette, posterized to ``LEVELS`` values per channel: flat regions and banded
+  gradients, structure a small byte model learns within minutes on a CPU (byte ids carry no
+  notion of "close in value", so every distinct channel value has to be learned on its own).
 * audio — synthesised mono clips (chords with envelopes, chirps, short melodies, faint noise)
   written as 16-bit WAV.
 
@@ -57,6 +59,10 @@ PALETTE = np.array(
     dtype=np.float64,
 )
 
+# Values per colour channel after posterizing (0 and 255 included): 8 levels keep gradients
+# visibly smooth-ish (banded) while a model needs to learn only 8 distinct byte values.
+LEVELS = 8
+
 # Pentatonic scale degrees (semitones above the root) used for chords and melodies.
 PENTATONIC = (0, 2, 4, 7, 9)
 
@@ -68,7 +74,7 @@ def build_demo_inputs(
     text_bytes: int = 1 << 20,
     n_images: int = 512,
     n_clips: int = 128,
-    image_size: int = 32,
+    image_size: int = 16,
     sample_rate: int = 8000,
     clip_seconds: tuple[float, float] = (0.5, 1.0),
     overwrite: bool = False,
@@ -224,7 +230,7 @@ def _slug(name: str) -> str:
 
 # --- images -----------------------------------------------------------------------------------
 def draw_image(rng: np.random.Generator, size: int) -> np.ndarray:
-    """One procedural RGB picture, uint8 ``[size, size, 3]``."""
+    """One procedural RGB picture, uint8 ``[size, size, 3]``, posterized to ``LEVELS`` values."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) / size  # pixel coordinates in [0, 1)
     colours = PALETTE[rng.choice(len(PALETTE), size=4, replace=False)]
     kind = rng.integers(5)
@@ -251,9 +257,8 @@ def draw_image(rng: np.random.Generator, size: int) -> np.ndarray:
         for _ in range(rng.integers(1, 5)):
             mask = _shape(rng, xx, yy)
             img[mask] = colours[rng.integers(1, 4)]
-    if rng.random() < 1 / 3:  # mild sensor-like noise on some images
-        img = img + rng.integers(-2, 3, size=img.shape)
-    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    step = 255 / (LEVELS - 1)
+    return np.clip(np.rint(np.rint(img / step) * step), 0, 255).astype(np.uint8)
 
 
 def _gradient(rng, xx, yy, c0, c1) -> np.ndarray:

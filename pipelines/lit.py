@@ -302,13 +302,27 @@ class PolybyteCLI(LightningCLI):
     config's ``limit_val_batches`` only shortens the checks during ``fit``, unless
     ``--trainer.limit_val_batches`` is given on the command line."""
 
-    def __init__(self, *args, limit_validate: bool = False, **kwargs) -> None:
+    def __init__(self, *args, limit_validate: str | None = None, **kwargs) -> None:
         self.limit_validate = limit_validate  # set before super().__init__ runs the subcommand
         super().__init__(*args, **kwargs)
 
     def before_validate(self) -> None:
-        if not self.limit_validate:
+        if self.limit_validate is None:
             self.trainer.limit_val_batches = 1.0
+        elif self.limit_validate.isdigit():
+            # Trainer types it float | int, so the parser makes "1" the fraction 1.0 (every
+            # batch); a whole number typed on the command line is a batch count, as in Lightning
+            self.trainer.limit_val_batches = int(self.limit_validate)
+
+
+def cli_value(args: list[str], key: str) -> str | None:
+    """The value given for ``key`` on the command line (``--key V`` or ``--key=V``), else None."""
+    for i, arg in enumerate(args):
+        if arg == key and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith(key + "="):
+            return arg[len(key) + 1 :]
+    return None
 
 
 # NVLink multicast (NVLS) stays off in NCCL, PyTorch and NVSHMEM: on shared multi-GPU hosts it can
@@ -334,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
             ByteLMModule,
             ByteDataModule,
             args=argv,
-            limit_validate=any(a.startswith("--trainer.limit_val_batches") for a in args),
+            limit_validate=cli_value(args, "--trainer.limit_val_batches"),
             save_config_kwargs={"overwrite": True},
             trainer_defaults={"precision": "bf16-mixed" if torch.cuda.is_available() else "32-true"},
         )

@@ -19,6 +19,7 @@ from polybyte.modalities import TAGS
 from polybyte.models import build_model
 from polybyte.models.transformer import TransformerConfig
 from polybyte.pipelines.data import ByteDataModule
+from polybyte.pipelines.demo import DEMO_SETTINGS
 from polybyte.pipelines.export import save_exported
 from polybyte.pipelines.lit import ByteLMModule
 
@@ -155,8 +156,8 @@ def tiny_config(path: Path, tmp: Path, demo_shards: dict[str, Path]) -> tuple[Pa
         data.pop("val_sources", None)
         modalities = set(named.values())
     need = 96
-    if "image" in modalities:  # the demo images are 32x32 unless the config resizes them
-        size = ((data.get("adapter_settings") or {}).get("image") or {}).get("size", 32)
+    if "image" in modalities:  # the demo images are 16x16 unless the config resizes them
+        size = ((data.get("adapter_settings") or {}).get("image") or {}).get("size", DEMO_SETTINGS["image"]["size"])
         need = max(need, 3 * size * size + 1)
     multiple = math.lcm(2, cfg["model"]["model"].get("patch_size", 1))  # pcm16 and MEGABYTE patches
     seq_len = -(-need // multiple) * multiple

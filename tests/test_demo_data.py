@@ -10,7 +10,7 @@ import soundfile as sf
 from PIL import Image
 
 from polybyte.pipelines.codecs import codec_bpb
-from polybyte.pipelines.demo_data import build_demo_inputs, stdlib_documents
+from polybyte.pipelines.demo_data import LEVELS, build_demo_inputs, stdlib_documents
 
 SMALL = dict(text_bytes=150_000, n_images=24, n_clips=8, image_size=32, sample_rate=8000)
 
@@ -67,6 +67,8 @@ def test_images_are_png_of_the_size_and_compressible(built):
             assert im.size == (SMALL["image_size"],) * 2
             payloads.append(np.asarray(im).tobytes())
     assert len(set(payloads)) == len(payloads)  # all different pictures
+    values = np.unique(np.frombuffer(b"".join(payloads), np.uint8))
+    assert values.tolist() == np.rint(np.arange(LEVELS) * 255 / (LEVELS - 1)).astype(int).tolist()  # posterized
     res = codec_bpb("image", payloads, {"size": SMALL["image_size"], "order": "raster"})
     assert res["PNG"]["bpb"] < 4  # structure a model can learn, not noise
 

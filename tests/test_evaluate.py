@@ -28,7 +28,7 @@ from polybyte.pipelines.evaluate import evaluate
 from polybyte.pipelines.export import load_exported, save_exported
 
 REPO = Path(__file__).resolve().parents[1]
-SEQ_LEN = 3084  # debug.yaml: a 32x32 image + EOS, rounded up to a multiple of 12
+SEQ_LEN = 780  # debug.yaml: a 16x16 image + EOS, rounded up to a multiple of 12
 MAX_SAMPLES = 2  # val samples scored per source (text docs are up to 8 KiB, audio clips ~11 KiB)
 
 
@@ -192,8 +192,8 @@ def test_cli_eval(ckpt, data, tmp_path, capsys):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--stride", "0"], "--stride must be in 1..seq_len=3084"),
-        (["--stride", "4000"], "--stride must be in 1..seq_len=3084"),
+        (["--stride", "0"], "--stride must be in 1..seq_len=780"),
+        (["--stride", "4000"], "--stride must be in 1..seq_len=780"),
     ],
 )
 def test_cli_eval_bad_stride(extra, message, ckpt, data, tmp_path, capsys):

@@ -142,7 +142,7 @@ def test_fit_writes_checkpoints_exports_and_config(trained):
         assert f"checkpoints/{name}/model.safetensors" in files
         assert f"checkpoints/{name}/config.json" in files
     info = trained["last_info"]
-    assert info["step"] == STEPS and info["seq_len"] == 3084
+    assert info["step"] == STEPS and info["seq_len"] == 780
     assert info["model"]["backbone"] == "megabyte" and info["model"]["patch_size"] == 12
     for modality, settings in DEMO_SETTINGS.items():
         assert {k: info["modalities"][modality][k] for k in settings} == settings
@@ -175,7 +175,7 @@ def test_validate_logs_every_modality_and_equals_eval(trained, tmp_path, monkeyp
     for modality in ("text", "image", "audio"):
         assert row[f"val/bpb_{modality}"] == pytest.approx(report["modalities"][modality]["bpb"], abs=1e-5)
     assert report["modalities"]["image"]["samples"] == VAL_SAMPLES["image"]
-    # a limit on the command line still limits: one batch of 4 windows (2+ text, then 3 images)
+    # a limit on the command line still limits: one batch of 4 windows, all text (read first)
     args = ["validate", "--config", str(config), "--ckpt_path", str(ckpt), "--trainer.limit_val_batches", "1"]
     assert run_cli(args, monkeypatch) == 0
     (row,) = [r for r in metrics(run) if "val/loss" in r]
@@ -204,18 +204,18 @@ def test_print_config(demo_shards, monkeypatch, capsys):
     assert exit_.value.code in (0, None)
     cfg = yaml.safe_load(capsys.readouterr().out)
     assert cfg["model"]["model"]["backbone"] == "megabyte"
-    assert cfg["data"]["seq_len"] == cfg["model"]["model"]["max_seq_len"] == 3084
+    assert cfg["data"]["seq_len"] == cfg["model"]["model"]["max_seq_len"] == 780
     assert cfg["trainer"]["max_steps"] == 80
 
 
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["--data.seq_len", "3090", "--model.model.max_seq_len", "3096"],
-         "data.seq_len 3090 is not a multiple of model.model.patch_size 12"),
-        (["--data.seq_len", "1200", "--model.model.max_seq_len", "1200"],
-         "a 32x32 image is 3072 bytes plus EOS, which does not fit seq_len=1200"),
-        (["--model.model.max_seq_len", "3085"], "max_seq_len 3085 must be a multiple of patch_size 12"),
+        (["--data.seq_len", "790", "--model.model.max_seq_len", "792"],
+         "data.seq_len 790 is not a multiple of model.model.patch_size 12"),
+        (["--data.seq_len", "600", "--model.model.max_seq_len", "600"],
+         "a 16x16 image is 768 bytes plus EOS, which does not fit seq_len=600"),
+        (["--model.model.max_seq_len", "781"], "max_seq_len 781 must be a multiple of patch_size 12"),
         (["--ckpt_path", "/nonexistent/last.ckpt"], "/nonexistent/last.ckpt"),
     ],
 )  # fmt: skip
@@ -356,4 +356,4 @@ def test_bench_train_times_steps_of_a_config(capsys, tmp_path):
     import json
 
     (result,) = json.loads(out_json.read_text())
-    assert result["backbone"] == "megabyte" and result["bytes_per_s"] > 0 and result["seq_len"] == 3084
+    assert result["backbone"] == "megabyte" and result["bytes_per_s"] > 0 and result["seq_len"] == 780
