@@ -54,10 +54,19 @@ def resolve(path) -> Path:
 
 
 def load_exported(path, device: str | torch.device = "cpu") -> tuple[ByteLM, dict[str, Any]]:
-    """Rebuild the model from an export folder; returns (model in eval mode, config.json dict)."""
+    """Rebuild the model from an export folder; returns (model in eval mode, config.json dict).
+
+    Raises ValueError, naming the file, when a weight is NaN or Inf (a diverged run).
+    """
     folder = resolve(path)
     info = json.loads((folder / CONFIG).read_text())
     model = build_model(dict(info["model"]))
     state = load_file(str(folder / WEIGHTS), device=str(device))
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(
+            f"{folder / WEIGHTS}: {len(bad)} of {len(state)} tensors hold NaN/Inf (e.g. {bad[0]}); "
+            f"the run that wrote it diverged, use an earlier checkpoint"
+        )
     model.load_state_dict(state)
     return model.to(device).eval(), info

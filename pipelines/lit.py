@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -19,6 +20,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from polybyte.modalities import TAG_NAMES
 from polybyte.models import ByteLM, build_model, config_to_dict
@@ -58,6 +61,8 @@ class ByteLMModule(L.LightningModule):
         compile: ``torch.compile`` the model (not this module) at fit start.
         entropy_model: BLT only: a folder (or .safetensors file) exported by an entropy-model run,
             loaded into the BLT's frozen entropy model.
+        max_nonfinite_steps: a step whose loss or gradients are NaN/Inf is skipped (no update) and
+            counted in ``train/nonfinite_steps``; this many in a row stop the run with an error.
     """
 
     def __init__(
@@ -71,6 +76,7 @@ class ByteLMModule(L.LightningModule):
         min_lr_ratio: float = 0.1,
         compile: bool = False,
         entropy_model: str | None = None,
+        max_nonfinite_steps: int = 5,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -86,6 +92,8 @@ class ByteLMModule(L.LightningModule):
         self._fused = False  # fused AdamW (see configure_optimizers)
         self._peak_flops: float | None = None
         self._compiled = None
+        self._last_loss: torch.Tensor | None = None  # this step's loss, checked before the update
+        self.nonfinite_steps, self._nonfinite_run = 0, 0  # skipped steps: in all, and in a row
 
     # --- helpers ------------------------------------------------------------------------------
     def _load_entropy_model(self, path: str) -> None:
@@ -141,6 +149,7 @@ class ByteLMModule(L.LightningModule):
         # would leave the GPU idle while the host queues the backward pass. train/loss is the
         # mean over the steps since the last logging step, read once (progress-bar values that
         # stay device tensors would be read back at every step).
+        self._last_loss = loss.detach()
         self._loss_sum, self._loss_steps = self._loss_sum + loss.detach(), self._loss_steps + 1
         if self._is_log_step():
             self.log("train/loss", float(self._loss_sum) / self._loss_steps, prog_bar=True)
@@ -230,6 +239,43 @@ class ByteLMModule(L.LightningModule):
                 self.log(f"val/bpb_{TAG_NAMES[tag]}", bits / count, sync_dist=False, rank_zero_only=False)
 
     # --- optimisation -------------------------------------------------------------------------
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Skip the update of a step whose loss or gradients are not finite (its gradients are
+        dropped, so AdamW leaves weights and moments alone) and count it; stop after
+        ``max_nonfinite_steps`` in a row. The check reads one flag back per step, after the
+        backward pass is queued; every rank takes the same decision. Under fp16's grad scaler
+        only the loss counts: the scaler skips steps with overflowing gradients itself."""
+        plugin = self.trainer.precision_plugin
+        scaled = isinstance(plugin, MixedPrecision) and plugin.scaler is not None
+        finite = torch.isfinite(self._last_loss)
+        if not scaled:
+            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            finite &= torch.isfinite(torch.nn.utils.get_total_norm(grads))
+        finite = self.trainer.strategy.reduce_boolean_decision(bool(finite), all=True)
+        if finite:
+            self._nonfinite_run = 0
+        else:
+            if not scaled:
+                optimizer.zero_grad(set_to_none=True)
+            self.nonfinite_steps, self._nonfinite_run = self.nonfinite_steps + 1, self._nonfinite_run + 1
+        self.log("train/nonfinite_steps", float(self.nonfinite_steps))
+        limit = self.hparams.max_nonfinite_steps
+        if self._nonfinite_run >= limit:
+            # straight to the loggers: the run ends before Lightning writes this step's metrics
+            for logger in self.loggers:
+                logger.log_metrics({"train/nonfinite_steps": float(self.nonfinite_steps)}, step=self.global_step)
+            raise NonFiniteLossError(
+                f"loss or gradients were NaN/Inf for {limit} steps in a row (up to step {self.global_step}, "
+                f"{self.nonfinite_steps} skipped in all); the weights were not updated by them and the last "
+                f"checkpoint holds the last good weights. Lower model.lr or raise trainer.gradient_clip_val"
+            )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["nonfinite_steps"] = self.nonfinite_steps
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.nonfinite_steps = checkpoint.get("nonfinite_steps", 0)
+
     def configure_optimizers(self):
         hp = self.hparams
         module_types = {n: type(m) for n, m in self.model.named_modules()}
@@ -267,13 +313,62 @@ class ByteLMModule(L.LightningModule):
             torch.nn.utils.clip_grad_norm_(params, gradient_clip_val, foreach=True)
 
 
+class NonFiniteLossError(ValueError):
+    """Training diverged: NaN/Inf losses or gradients for ``max_nonfinite_steps`` steps in a row."""
+
+
+class NonFiniteWeightsError(ValueError):
+    """A checkpoint was about to be written with NaN/Inf weights."""
+
+
+# Signals that stop a fit with a resumable `last` checkpoint, and the signal that did (exit 128+signum).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+received_stop_signal: int | None = None
+
+
 class ExportCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint that also exports ``X/model.safetensors`` + ``X/config.json`` per ``X.ckpt``."""
+    """ModelCheckpoint that also exports ``X/model.safetensors`` + ``X/config.json`` per ``X.ckpt``.
+
+    It refuses to write non-finite weights, and on SIGTERM, SIGINT or SIGUSR1 it saves ``last``
+    (``.ckpt`` + export) at the step reached: the signals go through Lightning's SIGTERM handling,
+    which ends the run after the current batch with ``SIGTERMException``.
+    """
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Route SIGINT and SIGUSR1 to the SIGTERM handler Lightning installed for this run,
+        noting which signal came. SIGUSR1 is left alone when something (Lightning's SLURM requeue)
+        already handles it; Lightning restores every handler when the run ends."""
+        global received_stop_signal
+        super().on_train_start(trainer, pl_module)
+        received_stop_signal = None
+        lightning_sigterm = signal.getsignal(signal.SIGTERM)
+
+        def stop(signum, frame) -> None:
+            global received_stop_signal
+            received_stop_signal = received_stop_signal or signum
+            if callable(lightning_sigterm):
+                lightning_sigterm(signum, frame)
+
+        for signum in STOP_SIGNALS:
+            if signum != signal.SIGUSR1 or signal.getsignal(signum) in (signal.SIG_DFL, None):
+                signal.signal(signum, stop)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """On a stop signal, save ``last`` at the step reached (unless it was just saved)."""
+        if isinstance(exception, SIGTERMException) and self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        super().on_exception(trainer, pl_module, exception)
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
-        super()._save_checkpoint(trainer, filepath)
         # Every rank takes part: under FSDP this gathers the full, unsharded weights.
         full = trainer.strategy.lightning_module_state_dict()
+        finite = all(bool(torch.isfinite(v).all()) for v in full.values() if v.is_floating_point())
+        if not trainer.strategy.reduce_boolean_decision(finite, all=True):
+            raise NonFiniteWeightsError(
+                f"refusing to write {filepath} at step {trainer.global_step}: the weights hold NaN/Inf; "
+                f"earlier checkpoints are kept"
+            )
+        super()._save_checkpoint(trainer, filepath)
         if trainer.is_global_zero:
             module: ByteLMModule = trainer.lightning_module
             state = {k.removeprefix("model."): v for k, v in full.items() if k.startswith("model.")}
@@ -333,9 +428,12 @@ MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1
 def main(argv: list[str] | None = None) -> int:
     """``argv`` starts with the subcommand (fit / validate); None reads ``sys.argv``.
 
-    A bad setting (ValueError, e.g. a seq_len the backbone or the data cannot use) or a missing
-    file is reported as one line ``polybyte CMD: error: ...`` with exit status 2.
+    A bad setting (ValueError, e.g. a seq_len the backbone or the data cannot use), a missing
+    file or a diverged fit (`NonFiniteLossError`) is reported as one line ``polybyte CMD: error:
+    ...`` with exit status 2. A fit stopped by SIGTERM, SIGINT or SIGUSR1 saves ``last`` and exits
+    with 128 + the signal's number (143, 130, 138).
     """
+    global received_stop_signal
     for key, value in MULTICAST_OFF.items():
         os.environ.setdefault(key, value)
     torch.set_float32_matmul_precision("high")
@@ -355,4 +453,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"polybyte {command[0]}: error: {e}", file=sys.stderr)
         return 2
+    except SIGTERMException:
+        signum, received_stop_signal = received_stop_signal or signal.SIGTERM, None
+        print(f"polybyte {command[0]}: stopped by {signal.Signals(signum).name}; `last` checkpoint saved, "
+              f"resume with --ckpt_path last", file=sys.stderr)  # fmt: skip
+        return 128 + signum
     return 0

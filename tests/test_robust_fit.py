@@ -1,0 +1,170 @@
+"""Reliability of `polybyte fit` (issue 12): divergence and stop signals, on CPU.
+
+A fit whose loss turns NaN skips and counts those steps, then stops with exit 2 and one line,
+its last checkpoint left with finite weights; `eval` refuses a non-finite export. A fit
+sent SIGTERM saves `last` at the step reached, exits 143, and `--ckpt_path last` continues it.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from test_lit import hand_batch, metrics, run_cli, series, tiny_module, write_config
+from torch.utils.data import DataLoader
+
+import lightning as L
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from polybyte.pipelines import cli, lit
+from polybyte.pipelines.export import WEIGHTS, load_exported
+
+
+def finite(state: dict[str, torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
+
+
+@pytest.fixture(scope="module")
+def diverged(demo_shards, tmp_path_factory):
+    """A fit at lr 1e6 (no warm-up): checkpoints every 2 steps until it stops."""
+    root = tmp_path_factory.mktemp("diverge")
+    run = root / "run"
+    config = write_config(root / "debug.yaml", run, steps=40, val_every=1000, ckpt_every=2)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "stderr", stderr := io.StringIO())
+        rc = run_cli(["fit", "--config", str(config), "--model.lr", "1e6", "--model.warmup_steps", "0",
+                      "--data.num_workers", "0"], mp)  # fmt: skip
+    return {"root": root, "run": run, "rc": rc, "stderr": stderr.getvalue()}
+
+
+def test_diverged_fit_stops_with_exit_2_and_one_line(diverged):
+    assert diverged["rc"] == 2
+    errors = [line for line in diverged["stderr"].splitlines() if line.startswith("polybyte fit: error:")]
+    assert len(errors) == 1 and "NaN/Inf for 5 steps in a row" in errors[0]
+    assert "Traceback" not in diverged["stderr"]
+
+
+def test_diverged_fit_counts_skipped_steps_and_keeps_finite_checkpoint(diverged):
+    run = diverged["run"]
+    counted = series(metrics(run), "train/nonfinite_steps")
+    assert counted[-1][1] >= 5  # the run of 5 that stopped it, at least
+    assert counted[0][1] == 0  # the first steps were finite
+    assert max(s for s, _ in counted) < 39  # stopped long before max_steps
+    ckpts = run / "checkpoints"
+    last = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=True)
+    assert finite(last["state_dict"])
+    assert last["nonfinite_steps"] <= counted[-1][1]
+    assert finite(load_file(ckpts / "last" / WEIGHTS))
+    load_exported(ckpts / "last")  # loads: finite
+
+
+def test_export_checkpoint_refuses_nonfinite_weights(tmp_path):
+    ids, modality = hand_batch()
+    ckpt = lit.ExportCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=1, save_last=True)
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, callbacks=[ckpt], enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    module = tiny_module()
+    trainer.fit(module, train_dataloaders=DataLoader([(ids, modality)], batch_size=None))
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "ck").rglob("*")}
+    with torch.no_grad():
+        next(module.parameters()).fill_(float("nan"))
+    with pytest.raises(lit.NonFiniteWeightsError, match="NaN/Inf"):
+        ckpt._save_checkpoint(trainer, str(tmp_path / "ck" / "last.ckpt"))
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "ck").rglob("*")} == before  # nothing written
+    assert finite(load_file(tmp_path / "ck" / "last" / WEIGHTS))
+
+
+@pytest.fixture
+def nan_export(diverged, tmp_path):
+    """A copy of the diverged run's `last` export with one weight set to NaN."""
+    folder = shutil.copytree(diverged["run"] / "checkpoints" / "last", tmp_path / "nan")
+    state = load_file(folder / WEIGHTS)
+    name = sorted(state)[0]
+    state[name] = torch.full_like(state[name], float("nan"))
+    save_file(state, str(folder / WEIGHTS))
+    return folder
+
+
+def test_eval_refuses_nonfinite_export(nan_export, demo_shards, tmp_path, capsys):
+    rc = cli.main(["eval", "--ckpt", str(nan_export), "--data", f"text={demo_shards['text']}",
+                   "--out", str(tmp_path / "report"), "--max-samples", "1"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1 and err[0].startswith("polybyte eval: error:") and str(nan_export / WEIGHTS) in err[0]
+    assert "NaN/Inf" in err[0]
+
+
+def test_sigterm_saves_last_and_resume_continues(demo_shards, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    config = write_config(tmp_path / "debug.yaml", run, steps=10_000, val_every=10_000, ckpt_every=10_000)
+    cfg = yaml.safe_load(config.read_text())
+    for logger in cfg["trainer"]["logger"]:
+        if logger["class_path"].endswith("CSVLogger"):
+            logger["init_args"]["flush_logs_every_n_steps"] = 1  # metrics.csv shows the steps as they go
+    config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "polybyte.pipelines.cli", "fit", "--config", str(config), "--data.num_workers", "0"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            csvs = list((run / "csv").glob("version_*/metrics.csv"))
+            if csvs and len(series(metrics(run), "train/loss")) >= 3:
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "polybyte fit: stopped by SIGTERM; `last` checkpoint saved, resume with --ckpt_path last" in stderr
+    ckpts = run / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last", "last.ckpt"]  # saved on the signal
+    reached = series(metrics(run), "train/loss")[-1][0] + 1  # steps done when it stopped
+    step = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=True)["global_step"]
+    assert step == reached >= 3
+    assert load_exported(ckpts / "last")[1]["step"] == step
+
+    rc = run_cli(["fit", "--config", str(config), "--ckpt_path", "last", "--trainer.max_steps", str(step + 3),
+                  "--data.num_workers", "0"], monkeypatch)  # fmt: skip
+    assert rc == 0
+    assert load_exported(ckpts / "last")[1]["step"] == step + 3
+    assert [s for s, _ in series(metrics(run), "train/loss")] == [step, step + 1, step + 2]
+
+
+class SignalAt(L.Callback):
+    """Sends ``signum`` to this process at the end of training step ``step``."""
+
+    def __init__(self, signum: int, step: int) -> None:
+        self.signum, self.step = signum, step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGUSR1])
+def test_sigint_and_sigusr1_save_last_at_step_reached(signum, tmp_path, monkeypatch):
+    monkeypatch.setattr(lit, "received_stop_signal", None)
+    before = signal.getsignal(signum)
+    ids, modality = hand_batch()
+    ckpt = lit.ExportCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=100, save_last=True)
+    trainer = L.Trainer(accelerator="cpu", max_steps=10, logger=False, callbacks=[ckpt, SignalAt(signum, 3)],
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    with pytest.raises(SIGTERMException):
+        trainer.fit(tiny_module(), train_dataloaders=DataLoader([(ids, modality)] * 10, batch_size=None))
+    assert lit.received_stop_signal == signum  # polybyte fit exits with 128 + signum
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["last", "last.ckpt"]
+    assert torch.load(tmp_path / "ck" / "last.ckpt", weights_only=False)["global_step"] == 3
+    assert load_exported(tmp_path / "ck" / "last")[1]["step"] == 3
+    assert signal.getsignal(signum) == before  # handlers restored after the run
