@@ -88,7 +88,8 @@ def untrained_bpb(modality: str, folder) -> float:
 
 def test_reduced_demo_learns_end_to_end(demo_shards, tmp_path, capsys):
     out = tmp_path / "demo"
-    assert cli.main(["demo", "--out", str(out), "--steps", str(REDUCED_STEPS), "--samples", "2"]) == 0
+    # the time cap only guards users' machines; here the step count decides, however loaded CI is
+    assert cli.main(["demo", "--out", str(out), "--steps", str(REDUCED_STEPS), "--minutes", "60", "--samples", "2"]) == 0
     printed = capsys.readouterr().out
     summary = printed[printed.index("demo: done in") :]
     report = json.loads((out / "eval" / "report.json").read_text())

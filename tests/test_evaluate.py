@@ -22,6 +22,7 @@ from PIL import Image
 from polybyte.modalities import EOS, NUM_BYTES, PAD, TAGS, TEXT, get_modality
 from polybyte.models import build_model
 from polybyte.models.blt import blt_preset
+from polybyte.modalities.audio import ENCODINGS
 from polybyte.pipelines import cli
 from polybyte.pipelines.data import resolve_sources
 from polybyte.pipelines.evaluate import evaluate
@@ -110,7 +111,8 @@ def test_report_json_numbers_match_manual_computation(report, ckpt, demo_shards,
         assert 9 < entry["bpb"] < 20  # sharp random predictions: far from a uniform 8 bits
     image, audio = result["modalities"]["image"], result["modalities"]["audio"]
     assert image["bits_per_dim"] == image["bpb"]
-    assert audio["bits_per_sample"] == pytest.approx(2 * audio["bpb"])  # pcm16: 2 bytes per sample
+    per_sample = ENCODINGS[settings["audio"]["encoding"]]  # bytes per audio sample
+    assert audio["bits_per_sample"] == pytest.approx(per_sample * audio["bpb"])
     assert "bits_per_sample" not in image and "bits_per_dim" not in result["modalities"]["text"]
 
 
