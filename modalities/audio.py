@@ -18,7 +18,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from .base import AUDIO, Modality, register
+from .base import AUDIO, Modality, check_limit, positive_limit, register
 
 ENCODINGS = {"pcm16": 2, "mulaw8": 1, "pcm8": 1}  # encoding -> bytes per sample
 MU_LAW_LEVELS = 256
@@ -146,6 +146,12 @@ class AudioSettings:
     sample_rate: int = 16000  # Hz; every recording is resampled to this rate
     encoding: str = "pcm16"  # payload format: "pcm16" (2 bytes/sample), "mulaw8" or "pcm8" (1 byte)
     clip_seconds: float | None = None  # clip length the shard writer cuts to; None: whole file
+    # Longest recording read, in seconds at the file's own rate, checked from the header before
+    # decoding or resampling (an 8 KB WAV declaring 1 Hz would resample to hours); None: no limit.
+    max_seconds: float | None = 600.0
+    # Most samples decoded per file before mixing to mono, frames x channels (float32: 4 bytes
+    # each, so the default bounds the decode at 256 MiB); None: no limit.
+    max_decoded_samples: int | None = 64 * 2**20
 
     def __post_init__(self) -> None:
         if self.encoding not in ENCODINGS:
@@ -157,6 +163,8 @@ class AudioSettings:
         self.sample_rate = int(self.sample_rate)
         if self.clip_seconds is not None and self.clip_seconds <= 0:
             raise ValueError(f"clip_seconds must be positive or None, got {self.clip_seconds}")
+        positive_limit("max_seconds", self.max_seconds)
+        positive_limit("max_decoded_samples", self.max_decoded_samples)
 
 
 @register
@@ -172,15 +180,26 @@ class AudioModality(Modality):
     def bytes_per_sample(self) -> int:
         return ENCODINGS[self.settings.encoding]
 
+    def check_size(self, frames: int, channels: int, file_rate: int) -> None:
+        """Raise `ResourceLimitError` for a recording above ``max_decoded_samples`` or
+        ``max_seconds`` (from its header: frames, channels and rate before resampling)."""
+        check_limit(f"recording of {frames:,} frames x {channels} channels", frames * channels,
+                    "max_decoded_samples", self.settings.max_decoded_samples)  # fmt: skip
+        seconds = frames / file_rate
+        check_limit(f"recording of {seconds:,.1f} s ({frames:,} frames at {file_rate} Hz)", seconds,
+                    "max_seconds", self.settings.max_seconds)  # fmt: skip
+
     def load(self, member_bytes: bytes) -> np.ndarray:
         """Audio file bytes -> mono samples at ``sample_rate``.
 
         Returns int16 when the file is mono 16-bit PCM already at ``sample_rate`` (so pcm16 is
         bit-exact), else float32 in [-1, 1]: the mean of the channels, resampled if needed.
+        The header is checked against the limits first (`check_size`).
         """
         rate = self.settings.sample_rate
         try:
             with sf.SoundFile(io.BytesIO(member_bytes)) as f:
+                self.check_size(f.frames, f.channels, f.samplerate)
                 exact = f.channels == 1 and f.samplerate == rate and f.subtype == "PCM_16"
                 data = f.read(dtype="int16" if exact else "float32", always_2d=True)
                 file_rate = f.samplerate

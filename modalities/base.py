@@ -39,6 +39,37 @@ def payload_mask(targets):
     return targets < NUM_BYTES
 
 
+# --- resource limits --------------------------------------------------------------------------
+# Adapter settings that bound how much a member may decode to (decompression-bomb guards). They
+# never change a payload, so two adapters that differ only in them encode data the same way.
+RESOURCE_LIMITS = ("max_member_bytes", "max_pixels", "max_decoded_samples", "max_seconds")
+
+
+class ResourceLimitError(ValueError):
+    """A member is above one of its adapter's resource limits and is refused before decoding.
+
+    ``setting`` names the limit (one of ``RESOURCE_LIMITS``) so callers can count skips by it.
+    """
+
+    def __init__(self, message: str, setting: str) -> None:
+        super().__init__(message)
+        self.setting = setting
+
+
+def check_limit(what: str, value: float, setting: str, limit: float | None) -> None:
+    """Raise `ResourceLimitError` when ``value`` exceeds ``limit`` (None: no limit)."""
+    if limit is not None and value > limit:
+        raise ResourceLimitError(
+            f"{what}, above the {setting}={limit:,} limit (raise the {setting} setting to read it)", setting
+        )
+
+
+def positive_limit(setting: str, value: float | None) -> None:
+    """Settings check: a resource limit is a positive number or None (no limit)."""
+    if value is not None and not value > 0:
+        raise ValueError(f"{setting} must be positive or None (no limit), got {value}")
+
+
 # --- the Modality interface -------------------------------------------------------------------
 class Modality(ABC):
     """Turns stored members (file bytes) into payload bytes and back.

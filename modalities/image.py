@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .base import IMAGE, Modality, register
+from .base import IMAGE, Modality, ResourceLimitError, check_limit, positive_limit, register
 
 _PATCH = re.compile(r"patch(\d+)")
 
@@ -111,15 +111,27 @@ def read_npz_batch(source) -> Iterator[tuple[int, np.ndarray, int | None]]:
         yield i, pixels, None if labels is None else int(labels[i])
 
 
+def _pillow_refusal(reason: Warning | Exception) -> ResourceLimitError:
+    """Pillow's decompression-bomb warning or error as our limit skip."""
+    return ResourceLimitError(
+        f"image refused by Pillow's decompression-bomb check ({reason}); PIL.Image.MAX_IMAGE_PIXELS "
+        f"bounds max_pixels", "max_pixels"
+    )
+
+
 @dataclass
 class ImageSettings:
     size: int = 64  # side of the square image in pixels (payload is 3*size*size bytes)
     order: str = "raster"  # byte order: "raster", or "patch{k}" (k x k blocks; k divides size)
+    # Largest width x height decoded (read from the header first; None: no limit). Pillow's own
+    # decompression-bomb limit (PIL.Image.MAX_IMAGE_PIXELS, ~89.5M) applies above it too.
+    max_pixels: int | None = 64_000_000
 
     def __post_init__(self) -> None:
         if self.size < 1:
             raise ValueError(f"image size must be positive, got {self.size}")
         _check_order(self.order, self.size, self.size)
+        positive_limit("max_pixels", self.max_pixels)
 
 
 @register
@@ -147,15 +159,33 @@ class ImageModality(Modality):
         fitted = ImageOps.fit(rgb, (size, size), method=Image.Resampling.BOX, centering=(0.5, 0.5))
         return np.asarray(fitted, dtype=np.uint8)
 
+    def check_size(self, width: int, height: int) -> None:
+        """Raise `ResourceLimitError` for an image above ``max_pixels``."""
+        check_limit(f"{width}x{height} image ({width * height:,} pixels)", width * height,
+                    "max_pixels", self.settings.max_pixels)  # fmt: skip
+
     def load(self, member_bytes: bytes) -> np.ndarray:
-        """Image file bytes (PNG, JPEG, WebP, ...) -> ``[size, size, 3]`` uint8 pixels."""
+        """Image file bytes (PNG, JPEG, WebP, ...) -> ``[size, size, 3]`` uint8 pixels.
+
+        The size is checked from the header before any pixel is decoded (``Image.open`` is
+        lazy); an image above ``max_pixels`` or Pillow's bomb limit is a `ResourceLimitError`.
+        """
         try:
-            with Image.open(io.BytesIO(member_bytes)) as im:
+            with warnings.catch_warnings(record=True) as caught:  # Pillow's bomb warning refuses too
+                warnings.simplefilter("always", Image.DecompressionBombWarning)
+                im = Image.open(io.BytesIO(member_bytes))
+            with im:
+                self.check_size(*im.size)
+                bomb = [w.message for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+                if bomb:
+                    raise _pillow_refusal(bomb[0])
                 im = ImageOps.exif_transpose(im)  # camera photos: apply the EXIF rotation
                 return self.fit(im)
         except UnidentifiedImageError:  # its message holds the BytesIO repr: say it plainly
             raise ValueError("cannot decode image: not a format Pillow recognises") from None
-        except (OSError, SyntaxError, Image.DecompressionBombError) as e:
+        except Image.DecompressionBombError as e:
+            raise _pillow_refusal(e) from None
+        except (OSError, SyntaxError) as e:
             raise ValueError(f"cannot decode image ({type(e).__name__}: {e})") from None
 
     def encode(self, member_bytes: bytes, meta: dict | None = None) -> bytes:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .base import TEXT, Modality, register
+from .base import TEXT, Modality, check_limit, positive_limit, register
 
 JSON_EXTENSIONS = (".json", ".jsonl")
 
@@ -16,6 +16,11 @@ JSON_EXTENSIONS = (".json", ".jsonl")
 @dataclass
 class TextSettings:
     field: str = "text"  # JSON/JSONL record field that holds the document text
+    # Largest stored member (a .txt/.json/.jsonl file) read, in bytes; None: no limit.
+    max_member_bytes: int | None = 128 * 2**20
+
+    def __post_init__(self) -> None:
+        positive_limit("max_member_bytes", self.max_member_bytes)
 
 
 def json_texts(
@@ -85,7 +90,12 @@ class TextModality(Modality):
     extensions = (".txt",)
     Settings = TextSettings
 
+    def check_size(self, nbytes: int) -> None:
+        """Raise `ResourceLimitError` for a member above ``max_member_bytes``."""
+        check_limit(f"text member of {nbytes:,} bytes", nbytes, "max_member_bytes", self.settings.max_member_bytes)
+
     def encode(self, member_bytes: bytes, meta: dict | None = None) -> bytes:
+        self.check_size(len(member_bytes))
         extension = (meta or {}).get("extension", ".txt")
         if extension not in JSON_EXTENSIONS:
             return bytes(member_bytes)

@@ -28,7 +28,9 @@ lets every rank read all val shards and keep every ``world``-th sample; workers 
 exactly one rank.
 
 Members are decoded from raw bytes by the modality adapters (PNG/JPEG/WAV/FLAC/TXT); nothing
-is ever unpickled. A sample that fails to decode is skipped and counted; once more than
+is ever unpickled. A sample that fails to decode, or is above one of its adapter's resource
+limits (``max_pixels``, ``max_seconds``, ...: checked before decoding), is skipped and counted
+(limit skips also on their own, ``over_limit``); once more than
 ``max_skip_fraction`` of the samples seen have failed, one ``TooManyBadSamples`` error stops
 the run.
 """
@@ -52,7 +54,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
-from polybyte.modalities import EOS, NUM_BYTES, PAD, TAG_NAMES, TAGS, TEXT, get_modality
+from polybyte.modalities import EOS, NUM_BYTES, PAD, TAG_NAMES, TAGS, TEXT, ResourceLimitError, get_modality
 from polybyte.modalities.base import Modality
 
 log = logging.getLogger(__name__)
@@ -352,8 +354,9 @@ class TooManyBadSamples(ValueError):
 class SkipCounter:
     """Samples seen and skipped, shared by the main process and its DataLoader workers.
 
-    Two ``multiprocessing.Value`` counters, created before the workers start and inherited by
+    ``multiprocessing.Value`` counters, created before the workers start and inherited by
     them, so the main process always reads the current totals (the ``data/skipped`` metric).
+    ``over_limit`` counts the skips that were above an adapter's resource limit.
     """
 
     LOGGED = 10  # skips logged in full per process; later ones are only counted
@@ -363,6 +366,7 @@ class SkipCounter:
         self.min_seen = min_seen
         self._seen = multiprocessing.Value("q", 0)
         self._skipped = multiprocessing.Value("q", 0)
+        self._over_limit = multiprocessing.Value("q", 0)
         self._logged = 0
         self._first: str | None = None
 
@@ -374,12 +378,20 @@ class SkipCounter:
     def skipped(self) -> int:
         return self._skipped.value
 
+    @property
+    def over_limit(self) -> int:
+        return self._over_limit.value
+
     def ok(self) -> None:
         with self._seen.get_lock():
             self._seen.value += 1
 
-    def skip(self, what: str) -> None:
-        """Count one bad sample; raise `TooManyBadSamples` once past the allowed fraction."""
+    def skip(self, what: str, over_limit: bool = False) -> None:
+        """Count one bad sample (``over_limit``: refused by a resource limit); raise
+        `TooManyBadSamples` once past the allowed fraction."""
+        if over_limit:
+            with self._over_limit.get_lock():
+                self._over_limit.value += 1
         with self._seen.get_lock():
             self._seen.value += 1
             seen = self._seen.value
@@ -428,7 +440,8 @@ def decode_payloads(samples: Iterable[dict], source: Source, counter: SkipCounte
             meta = json.loads(sample["json"]) if source.manifest and "json" in sample else {}
             payload = adapter.encode(data, {**meta, "extension": ext})
         except Exception as e:  # noqa: BLE001 — any decoder failure is a counted skip by design
-            counter.skip(f"{sample.get('__url__')} {sample.get('__key__')}: {type(e).__name__}: {e}")
+            what = f"{sample.get('__url__')} {sample.get('__key__')}: {type(e).__name__}: {e}"
+            counter.skip(what, over_limit=isinstance(e, ResourceLimitError))
             continue
         counter.ok()
         yield payload
@@ -691,6 +704,11 @@ class ByteDataModule(lightning.LightningDataModule):
     def seen(self) -> int:
         """Samples read so far, skipped ones included."""
         return self._counter.seen if self._counter else 0
+
+    @property
+    def over_limit(self) -> int:
+        """Of the skipped samples, those above an adapter's resource limit (never decoded)."""
+        return self._counter.over_limit if self._counter else 0
 
     def modality_settings(self) -> dict[str, dict]:
         """``{modality name: adapter.settings_dict()}``, saved with checkpoints so sampling and

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from polybyte.modalities import NUM_BYTES, PAD, TAGS
+from polybyte.modalities import NUM_BYTES, PAD, RESOURCE_LIMITS, TAGS
 
 from .data import BPBMeter, SkipCounter, Source, decode_payloads, resolve_sources, sample_stream, stream_windows
 from .export import load_exported
@@ -143,9 +143,12 @@ def evaluate(
 
 
 def _check_settings(source: Source, settings: dict, trained: dict | None) -> None:
+    """Refuse data encoded unlike the model's training data (clip length and resource limits
+    do not change the encoding)."""
     if trained is None:
         return
-    differ = {k: (v, trained[k]) for k, v in settings.items() if k in trained and trained[k] != v and k != "clip_seconds"}
+    ignored = {"clip_seconds", *RESOURCE_LIMITS}
+    differ = {k: (v, trained[k]) for k, v in settings.items() if k in trained and trained[k] != v and k not in ignored}
     if differ:
         detail = ", ".join(f"{k}: data {a!r} vs model {b!r}" for k, (a, b) in differ.items())
         raise ValueError(f"source {source.name!r} was encoded differently from the model's training data ({detail})")

@@ -38,7 +38,7 @@ from PIL import Image
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from polybyte.modalities import Modality, available, get_modality
+from polybyte.modalities import Modality, ResourceLimitError, available, get_modality
 from polybyte.modalities.audio import clip_waveform, to_int16
 from polybyte.modalities.image import read_npz_batch
 from polybyte.modalities.text import JSON_EXTENSIONS, json_texts, split_documents
@@ -179,6 +179,7 @@ def _is_val(group: str, val_fraction: float, seed: int) -> bool:
 def _text_samples(
     adapter, item: _Input, slug: str, source: str, opts: dict, skip
 ) -> Iterator[_Sample]:
+    adapter.check_size(item.path.stat().st_size)  # before reading it
     data = item.path.read_bytes()
     ext = item.path.suffix.lower()
     docs: list[tuple[bytes, dict]] = []
@@ -301,7 +302,9 @@ def write_shards(
     """Write train/val shards of ``inputs`` into ``out_dir``; returns the manifest (also saved).
 
     ``modality`` is a registered name (with adapter ``settings``) or an adapter instance.
-    Unreadable inputs are skipped and listed under ``"skipped"``. Raises ValueError for a bad
+    Unreadable inputs are skipped and listed under ``"skipped"`` with their reason; inputs above
+    an adapter resource limit (``max_pixels``, ``max_seconds``, ...) are refused before decoding
+    and their entry also names the limit (``"limit"``). Raises ValueError for a bad
     modality, setting, missing input, or an ``out_dir`` that already holds shards (unless
     ``overwrite``, which deletes the old shards and manifest first).
     """
@@ -325,8 +328,8 @@ def write_shards(
     opts = {"max_doc_bytes": max_doc_bytes}
     skipped: list[dict] = []
 
-    def skip(source: str, reason: str) -> None:
-        skipped.append({"source": source, "reason": reason})
+    def skip(source: str, reason: str, limit: str | None = None) -> None:
+        skipped.append({"source": source, "reason": reason, **({"limit": limit} if limit else {})})
 
     writers = {split: _SplitWriter(out_dir, split, maxcount, maxsize) for split in SPLITS}
     used: set[str] = set()
@@ -361,7 +364,9 @@ def write_shards(
             except (ValueError, OSError, EOFError) as e:
                 reason = str(e) or type(e).__name__
                 skip(
-                    source, reason if not written else f"{reason} (stopped after {written} samples)"
+                    source,
+                    reason if not written else f"{reason} (stopped after {written} samples)",
+                    e.setting if isinstance(e, ResourceLimitError) else None,
                 )
             bar.update(task, advance=1, samples=sum(w.samples for w in writers.values()))
 
@@ -435,17 +440,26 @@ _ADAPTER_OPTIONS = {
     "clip_seconds": "audio",
     "field": "text",
     "max_doc_bytes": "text",
+    "max_pixels": "image",
+    "max_seconds": "audio",
+    "max_decoded_samples": "audio",
+    "max_member_bytes": "text",
 }
 
 
-def _byte_count(text: str) -> int:
+def _count(text: str, unit: str = "") -> int:
+    """A positive whole number given as ``1000000`` or ``1e6``."""
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of bytes, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a number{unit}, got {text!r}") from None
     if value != int(value) or value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number of bytes, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a positive whole number{unit}, got {text!r}")
     return int(value)
+
+
+def _byte_count(text: str) -> int:
+    return _count(text, " of bytes")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -474,7 +488,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="member bytes per shard (e.g. 1e9)",
     )
     p.add_argument("--seed", type=int, default=0, help="salt of the train/val split hash")
-    p.add_argument("--strict", action="store_true", help="exit 1 when any input was skipped")
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="exit 1 when any input was skipped (with none written it always does)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
     g = p.add_argument_group("adapter options")
     g.add_argument("--size", type=int, help="image: square side in pixels (default 64)")
@@ -490,6 +508,21 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help=f"text: cut files into documents of at most this "
         f"many bytes at line ends (default {DEFAULT_MAX_DOC_BYTES})",
+    )
+    limits = p.add_argument_group(
+        "resource limits (inputs above them are skipped before decoding; recorded in the manifest)"
+    )
+    limits.add_argument("--max-pixels", type=_count, help="image: most width x height decoded (default 64e6)")
+    limits.add_argument(
+        "--max-seconds", type=float, help="audio: longest recording, before resampling (default 600)"
+    )
+    limits.add_argument(
+        "--max-decoded-samples",
+        type=_count,
+        help="audio: most frames x channels decoded per file (default 2**26)",
+    )
+    limits.add_argument(
+        "--max-member-bytes", type=_byte_count, help="text: largest input file (default 128 MiB)"
     )
     return p
 
@@ -532,9 +565,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"warning: no sample fell into val; raise --val-fraction{hint} or change --seed",
             file=sys.stderr,
         )
+    if train + val == 0:
+        print(
+            f"polybyte shard: error: wrote 0 samples: every input was skipped "
+            f"({len(skipped)} skips, reasons in {args.out / MANIFEST})",
+            file=sys.stderr,
+        )
+        return 1
     payload = splits["train"]["payload_bytes"] + splits["val"]["payload_bytes"]
+    over_limit = sum("limit" in entry for entry in skipped)
+    limits = f" ({over_limit} above resource limits)" if over_limit else ""
     print(
         f"wrote {train + val} samples (train {train} / val {val}), {payload} payload bytes, "
-        f"{len(skipped)} skipped -> {args.out}"
+        f"{len(skipped)} skipped{limits} -> {args.out}"
     )
     return 1 if args.strict and skipped else 0
