@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from polybyte.models import ByteLM, build_model, config_to_dict
@@ -59,14 +60,31 @@ def load_exported(path, device: str | torch.device = "cpu") -> tuple[ByteLM, dic
     Raises ValueError, naming the file, when a weight is NaN or Inf (a diverged run).
     """
     folder = resolve(path)
-    info = json.loads((folder / CONFIG).read_text())
-    model = build_model(dict(info["model"]))
-    state = load_file(str(folder / WEIGHTS), device=str(device))
+    config, weights = folder / CONFIG, folder / WEIGHTS
+    try:  # a torn, hand-edited or foreign config.json: one ValueError naming the file
+        info = json.loads(config.read_text())
+        model = build_model(dict(info["model"]))
+    except Exception as e:  # noqa: BLE001 — any layer constructor may reject a bad field
+        raise ValueError(f"{config}: not a valid polybyte export config ({_one_line(e)})") from None
+    try:
+        state = load_file(str(weights), device=str(device))
+    except (SafetensorError, OSError) as e:  # empty, truncated or not safetensors at all
+        raise ValueError(f"{weights}: unreadable safetensors file ({_one_line(e)})") from None
     bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise ValueError(
             f"{folder / WEIGHTS}: {len(bad)} of {len(state)} tensors hold NaN/Inf (e.g. {bad[0]}); "
             f"the run that wrote it diverged, use an earlier checkpoint"
         )
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:  # missing/unexpected tensors or shapes unlike the config's dims
+        raise ValueError(f"{weights} does not match {config} ({_one_line(e)})") from None
     return model.to(device).eval(), info
+
+
+def _one_line(e: Exception, limit: int = 300) -> str:
+    """An exception as one short line: its type and whitespace-collapsed message."""
+    text = " ".join(str(e).split())
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__

@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     try:
         model, info = load_exported(args.ckpt, device)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:  # missing or unreadable export files
         raise UsageError(str(e)) from None
     known = info.get("modalities", {})
     if args.modality not in known:

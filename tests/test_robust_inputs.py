@@ -1,5 +1,5 @@
 """Hostile or broken inputs (issue 12): decompression bombs are refused before decoding and
-counted, shard runs with nothing written give one line and a non-zero exit.
+counted, bad export files and shard runs with nothing written give one line and a non-zero exit.
 
 Every file is made here, on CPU, in a few milliseconds.
 """
@@ -7,6 +7,7 @@ Every file is made here, on CPU, in a few milliseconds.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import struct
 import wave
@@ -15,11 +16,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import webdataset as wds
 from test_data import _dm, _png, _rows  # shared loader helpers
 
 from polybyte.modalities import IMAGE, ResourceLimitError, get_modality
+from polybyte.models.transformer import Transformer, TransformerConfig
 from polybyte.pipelines import cli
+from polybyte.pipelines.export import CONFIG, WEIGHTS, save_exported
 from polybyte.pipelines.shards import read_manifest
 
 
@@ -149,6 +153,55 @@ def test_loader_skips_and_counts_bombs_with_their_reason(tmp_path, caplog):
     # the loaders read the limits from the adapter settings, like every other setting
     dm = _dm(sources, adapter_settings={"image": {"size": 8, "max_pixels": 1000}}, **kw)
     assert len(_rows(list(dm.val_dataloader()), IMAGE)) == 0 and dm.over_limit == 5 + 1  # + the 1 Hz WAV
+
+
+# --- bad export files: one line, exit 2 -------------------------------------------------------
+@pytest.fixture
+def export(tmp_path) -> Path:
+    torch.manual_seed(0)
+    model = Transformer(TransformerConfig(dim=32, n_layers=1, n_heads=4, max_seq_len=64))
+    modalities = {"text": get_modality("text").settings_dict()}
+    return save_exported(tmp_path / "last", model, modalities, {"seq_len": 64})
+
+
+def _break(export: Path, case: str) -> Path:
+    """Damage one file of the export as ``case`` says; returns the file that is bad."""
+    weights, config = export / WEIGHTS, export / CONFIG
+    if case == "empty weights":
+        weights.write_bytes(b"")
+    elif case == "truncated weights":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif case == "corrupt weights":
+        weights.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    elif case == "invalid config":
+        config.write_text(config.read_text()[:40])  # torn mid-write
+    else:
+        info = json.loads(config.read_text())
+        if case == "wrong backbone":
+            info["model"]["backbone"] = "megabite"
+        else:  # "wrong dims": the config no longer matches the weights
+            info["model"]["dim"] = 48
+        config.write_text(json.dumps(info))
+    return weights if "weights" in case else config
+
+
+BAD_EXPORTS = ["empty weights", "truncated weights", "corrupt weights", "invalid config", "wrong backbone", "wrong dims"]
+
+
+@pytest.mark.parametrize("case", BAD_EXPORTS)
+@pytest.mark.parametrize("command", ["eval", "sample"])
+def test_bad_export_gives_one_line_naming_the_file_and_exit_2(export, tmp_path, capsys, command, case):
+    bad = _break(export, case)
+    args = {
+        "eval": ["--data", f"text={tmp_path}", "--out", str(tmp_path / "report")],
+        "sample": ["--modality", "text", "--num", "1", "--out", str(tmp_path / "samples")],
+    }[command]
+    rc = cli.main([command, "--ckpt", str(export), "--device", "cpu", *args])
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1, captured.err
+    assert lines[0].startswith(f"polybyte {command}: error: ") and str(bad) in lines[0]
+    assert not (tmp_path / "report").exists() and not (tmp_path / "samples").exists()
 
 
 # --- shard with nothing written ---------------------------------------------------------------
