@@ -1,7 +1,7 @@
 """Reliability of `polybyte fit` (issue 12): divergence and stop signals, on CPU.
 
 A fit whose loss turns NaN skips and counts those steps, then stops with exit 2 and one line,
-its last checkpoint left with finite weights; `eval` refuses a non-finite export. A fit
+its last checkpoint left with finite weights; `eval` and `sample` refuse a non-finite export. A fit
 sent SIGTERM saves `last` at the step reached, exits 143, and `--ckpt_path last` continues it.
 """
 
@@ -100,6 +100,15 @@ def test_eval_refuses_nonfinite_export(nan_export, demo_shards, tmp_path, capsys
     assert rc == 2
     assert len(err) == 1 and err[0].startswith("polybyte eval: error:") and str(nan_export / WEIGHTS) in err[0]
     assert "NaN/Inf" in err[0]
+
+
+def test_sample_refuses_nonfinite_export(nan_export, tmp_path, capsys):
+    rc = cli.main(["sample", "--ckpt", str(nan_export), "--modality", "text", "--max-bytes", "4",
+                   "--out", str(tmp_path / "samples"), "--device", "cpu"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1 and err[0].startswith("polybyte sample: error:") and str(nan_export / WEIGHTS) in err[0]
+    assert not (tmp_path / "samples").exists()
 
 
 def test_sigterm_saves_last_and_resume_continues(demo_shards, tmp_path, monkeypatch):
