@@ -141,7 +141,7 @@ def run_demo(out: Path, steps: int, minutes: float, samples: int) -> int:
     print(f"\ndemo: sampling at temperature {DEMO_TEMPERATURE}", flush=True)
     from .sample import main as sample_main
 
-    sample_dirs = {}
+    sample_dirs, failed = {}, []
     audio = DEMO_SETTINGS["audio"]
     audio_bytes = audio["sample_rate"] // 2 * ENCODINGS[audio["encoding"]]  # half a second
     jobs = (("image", samples, []), ("audio", 2, ["--max-bytes", str(audio_bytes)]),
@@ -152,6 +152,7 @@ def run_demo(out: Path, steps: int, minutes: float, samples: int) -> int:
                 "--seed", "0", "--device", "cpu", "--temperature", str(DEMO_TEMPERATURE), *extra]  # fmt: skip
         if sample_main(args):
             print(f"demo: sampling {modality} failed (see the error above); going on", flush=True)
+            failed.append(modality)
             continue
         sample_dirs[modality] = folder
 
@@ -166,6 +167,9 @@ def run_demo(out: Path, steps: int, minutes: float, samples: int) -> int:
     print(f"  eval report  {out / 'eval' / 'report.md'}  (+ bpb.png)")
     for modality, folder in sample_dirs.items():
         print(f"  {modality + ' samples':<12} {folder}")
+    if failed:
+        print(f"polybyte demo: error: sampling failed for {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 
