@@ -167,10 +167,13 @@ def bpb(nll: torch.Tensor, ids: torch.Tensor) -> float:
     return float(torch.where(mask, nll.double(), 0.0).sum()) / LN2 / count
 
 
-def _per_modality(nll: torch.Tensor, ids: torch.Tensor, modality: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (bits [3], payload counts [3]) per slot of MODALITY_TAGS, float64 on nll's device."""
+def _per_modality(
+    nll: torch.Tensor, ids: torch.Tensor, modality: torch.Tensor, check: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (bits [3], payload counts [3]) per slot of MODALITY_TAGS, float64 on nll's device.
+    ``check`` refuses ids that are no tag (one host sync)."""
     slot = modality.to(nll.device) - MODALITY_TAGS[0]  # tag id -> 0..2
-    if bool(((slot < 0) | (slot >= len(MODALITY_TAGS))).any()):
+    if check and bool(((slot < 0) | (slot >= len(MODALITY_TAGS))).any()):
         raise ValueError(f"modality ids must be tag ids {MODALITY_TAGS}, got {modality.tolist()}")
     mask = ids.to(nll.device) < NUM_BYTES
     row_bits = torch.where(mask, nll.double(), 0.0).sum(1) / LN2  # [B, T] -> [B]
@@ -192,8 +195,10 @@ class BPBMeter:
         self.bits = torch.zeros(len(MODALITY_TAGS), dtype=torch.float64)
         self.count = torch.zeros(len(MODALITY_TAGS), dtype=torch.float64)
 
-    def update(self, nll: torch.Tensor, ids: torch.Tensor, modality: torch.Tensor) -> None:
-        bits, count = _per_modality(nll.detach(), ids, modality)
+    def update(self, nll: torch.Tensor, ids: torch.Tensor, modality: torch.Tensor, check: bool = True) -> None:
+        """Add a batch. ``check=False`` skips the tag check and its host sync, for batches known
+        to carry tag ids (the training loop's, from ByteDataModule)."""
+        bits, count = _per_modality(nll.detach(), ids, modality, check)
         self.bits = self.bits.to(bits.device) + bits
         self.count = self.count.to(count.device) + count
 

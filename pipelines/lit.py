@@ -27,7 +27,7 @@ from polybyte.modalities import TAG_NAMES
 from polybyte.models import ByteLM, build_model, config_to_dict
 from polybyte.models.base import nll_loss
 
-from .data import LN2, MODALITY_TAGS, NUM_BYTES, BPBMeter, ByteDataModule
+from .data import BPBMeter, ByteDataModule
 from .export import load_exported, save_exported
 
 # Dense bf16 tensor-core peaks (datasheet, FLOP/s) used for MFU; unknown devices log no MFU.
@@ -167,14 +167,8 @@ class ByteLMModule(L.LightningModule):
         modalities they held. Written to the loggers directly: through ``self.log`` a modality
         missing from a batch would be logged again with its last value (Lightning re-logs every
         key it has seen this epoch at each step)."""
-        # BPBMeter.update without its tag check (a host sync): training batches come from
-        # ByteDataModule, whose rows carry tag ids only
-        slot = modality - MODALITY_TAGS[0]
-        payload = ids < NUM_BYTES
-        zeros = torch.zeros(len(MODALITY_TAGS), dtype=torch.float64, device=nll.device)
-        meter = self.train_meter
-        meter.bits = meter.bits.to(nll.device) + zeros.index_add(0, slot, torch.where(payload, nll.double(), 0.0).sum(1) / LN2)
-        meter.count = meter.count.to(nll.device) + zeros.index_add(0, slot, payload.sum(1).double())
+        # no tag check (a host sync): training batches come from ByteDataModule, tag ids only
+        self.train_meter.update(nll, ids, modality, check=False)
         if not self._is_log_step():
             return
         values = {f"train/bpb_{name}": bpb for name, bpb in self.train_meter.compute().items()}
