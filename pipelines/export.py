@@ -57,7 +57,8 @@ def resolve(path) -> Path:
 def load_exported(path, device: str | torch.device = "cpu") -> tuple[ByteLM, dict[str, Any]]:
     """Rebuild the model from an export folder; returns (model in eval mode, config.json dict).
 
-    Raises ValueError, naming the file, when a weight is NaN or Inf (a diverged run).
+    Raises ValueError, naming the file, for an unreadable or invalid config.json, an unreadable
+    model.safetensors, weights unlike the config, or NaN/Inf weights (a diverged run).
     """
     folder = resolve(path)
     config, weights = folder / CONFIG, folder / WEIGHTS
@@ -73,7 +74,7 @@ def load_exported(path, device: str | torch.device = "cpu") -> tuple[ByteLM, dic
     bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise ValueError(
-            f"{folder / WEIGHTS}: {len(bad)} of {len(state)} tensors hold NaN/Inf (e.g. {bad[0]}); "
+            f"{weights}: {len(bad)} of {len(state)} tensors hold NaN/Inf (e.g. {bad[0]}); "
             f"the run that wrote it diverged, use an earlier checkpoint"
         )
     try:
