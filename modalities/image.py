@@ -15,6 +15,7 @@ import math
 import re
 import warnings
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,38 +78,71 @@ def from_order(payload: bytes, size: int, order: str) -> np.ndarray:
     return flat.reshape(n, n, k, k, 3).transpose(0, 2, 1, 3, 4).reshape(size, size, 3).copy()
 
 
-def read_npz_batch(source) -> Iterator[tuple[int, np.ndarray, int | None]]:
+def _npy_header(stream, name: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """``(shape, fortran_order, dtype)`` from the header of a ``.npy`` member, nothing decoded."""
+    try:
+        version = np.lib.format.read_magic(stream)
+        if version == (1, 0):
+            return np.lib.format.read_array_header_1_0(stream)
+        if version == (2, 0):
+            return np.lib.format.read_array_header_2_0(stream)
+    except ValueError as e:
+        raise ValueError(f"corrupt .npz batch: bad header of {name!r} ({e})") from None
+    raise ValueError(f"corrupt .npz batch: {name!r} has .npy format version {version}, read are 1.0 and 2.0")
+
+
+def read_npz_batch(source, max_pixels: int | None = None) -> Iterator[tuple[int, np.ndarray, int | None]]:
     """Yield ``(row index, [S, S, 3] uint8 array, label)`` from a downsampled-ImageNet ``.npz``.
 
     The batch holds ``data`` (N x 3*S*S, channel-planar: the R plane, then G, then B, each S x S
     in raster order) and optionally ``labels`` (1..1000). S is inferred from the row length.
-    ``source`` is a path or a binary file object. Raises ValueError on anything else.
+    ``source`` is a path or a binary file object. The arrays' headers are checked first, and an
+    image above ``max_pixels`` (S*S) is a `ResourceLimitError` before anything is decompressed;
+    then the rows are read one at a time, so memory stays at one image however large the batch
+    declares itself. Raises ValueError on anything else.
     """
     try:
-        batch = np.load(source, allow_pickle=False)
+        archive = zipfile.ZipFile(source)
     except (OSError, ValueError, zipfile.BadZipFile, EOFError):
-        batch = None
-    if not isinstance(batch, np.lib.npyio.NpzFile):
-        raise ValueError("not a readable .npz batch (expected a zip archive of numpy arrays)")
-    with batch:
-        if "data" not in batch.files:
-            raise ValueError(f"no 'data' array in the .npz (found {batch.files})")
+        raise ValueError("not a readable .npz batch (expected a zip archive of numpy arrays)") from None
+    with archive:
+        members = archive.namelist()
+        if "data.npy" not in members:
+            found = [m.removesuffix(".npy") for m in members]
+            raise ValueError(f"no 'data' array in the .npz (found {found})")
         try:
-            data = batch["data"]
-            labels = batch["labels"] if "labels" in batch.files else None
-        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+            data = archive.open("data.npy")
+            shape, fortran, dtype = _npy_header(data, "data")
+            if len(shape) != 2 or dtype != np.uint8 or fortran:
+                order = " (Fortran order)" if fortran else ""
+                raise ValueError(f"'data' must be an N x 3*S*S uint8 array, got {shape} {dtype}{order}")
+            count, row_bytes = shape
+            size = math.isqrt(row_bytes // 3)
+            if 3 * size * size != row_bytes or not size:
+                raise ValueError(f"row length {row_bytes} is not 3*S*S for any image size S")
+            check_limit(f"a .npz batch of {size}x{size} images ({size * size:,} pixels each)", size * size,
+                        "max_pixels", max_pixels)  # fmt: skip
+            labels, label_dtype = None, None
+            if "labels.npy" in members:
+                labels = archive.open("labels.npy")
+                label_shape, _, label_dtype = _npy_header(labels, "labels")
+                if label_shape != (count,) or label_dtype.kind not in "iu":
+                    raise ValueError(f"{label_shape} {label_dtype} labels for {count} images (want ({count},) integers)")
+            for i in range(count):
+                row = data.read(row_bytes)
+                if len(row) != row_bytes:
+                    raise ValueError(f"corrupt .npz batch: 'data' ends after {i} of its {count} images")
+                label = None
+                if labels is not None:
+                    raw = labels.read(label_dtype.itemsize)
+                    if len(raw) != label_dtype.itemsize:
+                        raise ValueError(f"corrupt .npz batch: 'labels' ends after {i} of its {count} labels")
+                    label = int(np.frombuffer(raw, dtype=label_dtype)[0])
+                # planar [3, S, S] -> interleaved [S, S, 3]
+                planar = np.frombuffer(row, dtype=np.uint8).reshape(3, size, size)
+                yield i, np.ascontiguousarray(planar.transpose(1, 2, 0)), label
+        except (OSError, zipfile.BadZipFile, EOFError, zlib.error) as e:
             raise ValueError(f"corrupt .npz batch: {e}") from None
-    if data.ndim != 2 or data.dtype != np.uint8:
-        raise ValueError(f"'data' must be an N x 3*S*S uint8 array, got {data.shape} {data.dtype}")
-    size = math.isqrt(data.shape[1] // 3)
-    if 3 * size * size != data.shape[1]:
-        raise ValueError(f"row length {data.shape[1]} is not 3*S*S for any image size S")
-    if labels is not None and len(labels) != len(data):
-        raise ValueError(f"{len(labels)} labels for {len(data)} images")
-    for i, row in enumerate(data):
-        # planar [3, S, S] -> interleaved [S, S, 3]
-        pixels = np.ascontiguousarray(row.reshape(3, size, size).transpose(1, 2, 0))
-        yield i, pixels, None if labels is None else int(labels[i])
 
 
 def _pillow_refusal(reason: Warning | Exception) -> ResourceLimitError:

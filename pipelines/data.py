@@ -30,9 +30,10 @@ exactly one rank.
 Members are decoded from raw bytes by the modality adapters (PNG/JPEG/WAV/FLAC/TXT); nothing
 is ever unpickled. A sample that fails to decode, or is above one of its adapter's resource
 limits (``max_pixels``, ``max_seconds``, ...: checked before decoding), is skipped and counted
-(limit skips also on their own, ``over_limit``); once more than
-``max_skip_fraction`` of the samples seen have failed, one ``TooManyBadSamples`` error stops
-the run.
+by reason (`SKIP_REASONS`: ``undecodable``, ``over_limit``, ``shard_error`` for a shard that
+cannot be read to its end, counted once per break, and ``missing`` for the samples a shard falls
+short of its manifest's count); once more than ``max_skip_fraction`` of the samples seen are
+lost, one ``TooManyBadSamples`` error, naming the shard with most losses, stops the run.
 """
 
 from __future__ import annotations
@@ -230,6 +231,11 @@ class Source:
     train: list[str]  # training shard paths
     val: list[str] = field(default_factory=list)  # validation shard paths, in read order
     manifest: bool = False  # written by `polybyte shard`: members carry .json metadata
+    # samples per shard as its manifest lists them ({absolute path: count}), so a shard that
+    # ends early (truncated on a member boundary) or is gone is counted as "missing" samples
+    expected: dict[str, int] = field(default_factory=dict)
+    # the manifest's val sample count, when val is its whole val split but it has no per-shard counts
+    val_total: int | None = None
 
     def adapter(self) -> Modality:
         try:
@@ -336,7 +342,10 @@ def resolve_sources(
         if any(s.name == name for s in out):
             raise ValueError(f"two sources are named {name!r}; give each a distinct name (name=DIR)")
         settings.update(overrides.pop(name, {}))
-        out.append(Source(name, modality, settings, train, val, manifest is not None))
+        source = Source(name, modality, settings, train, val, manifest is not None)
+        if manifest is not None:
+            _manifest_counts(source, manifest, folder, own_val=val_sources is None)
+        out.append(source)
     if overrides:
         raise ValueError(f"adapter_settings for unknown sources {sorted(overrides)}; sources: {[s.name for s in out]}")
     if val_sources is not None:
@@ -351,13 +360,56 @@ def resolve_sources(
     return out
 
 
+def _shard_key(url: str) -> str:
+    return os.path.abspath(url)
+
+
+def _manifest_counts(source: Source, manifest: dict, folder: Path, own_val: bool) -> None:
+    """Fill ``source.expected`` from the manifest's samples per shard (``shard_samples``; a split
+    of one shard without them: the split's count). With ``own_val`` (val shards are the folder's
+    own), val shards the manifest lists but the folder lacks are read too, so their samples are
+    counted as lost instead of vanishing."""
+    splits = manifest.get("splits") or {}
+    for split in ("train", "val"):
+        info = splits.get(split) or {}
+        names = [str(n) for n in info.get("shards") or []]
+        counts = info.get("shard_samples")
+        if counts is None and len(names) == 1 and isinstance(info.get("samples"), int):
+            counts = [info["samples"]]
+        if isinstance(counts, list) and len(counts) == len(names):
+            source.expected.update({_shard_key(str(folder / n)): int(c) for n, c in zip(names, counts)})
+        if split == "val" and own_val and names:
+            listed = [str(folder / n) for n in names]
+            have = {_shard_key(u) for u in source.val}
+            source.val = sorted(source.val + [u for u in listed if _shard_key(u) not in have])
+            if counts is None and isinstance(info.get("samples"), int):
+                source.val_total = info["samples"]
+
+
 # --- skip counting ----------------------------------------------------------------------------
 class TooManyBadSamples(ValueError):
-    """More than ``max_skip_fraction`` of the samples read could not be decoded."""
+    """More than ``max_skip_fraction`` of the samples read could not be decoded.
+
+    Raised in a DataLoader worker, it reaches the main process rebuilt from a message holding the
+    worker's whole traceback; only the original one-line message is kept.
+    """
+
+    def __init__(self, message: str = "") -> None:
+        text = str(message)
+        if text.startswith("Caught ") and f"{type(self).__name__}: " in text:
+            text = text.rsplit(f"{type(self).__name__}: ", 1)[1].strip()
+        super().__init__(text)
+
+
+# Why a sample was lost: its member did not decode; it is above an adapter resource limit; its
+# shard could not be read (open, tar or grouping error: the sample being read is lost); the shard
+# holds fewer samples than its manifest lists (truncated on a member boundary, or gone).
+SKIP_REASONS = ("undecodable", "over_limit", "shard_error", "missing")
 
 
 class SkipCounter:
-    """Samples seen and skipped, shared by the main process and its DataLoader workers.
+    """Samples seen and skipped, by reason (`SKIP_REASONS`), shared by the main process and its
+    DataLoader workers.
 
     ``multiprocessing.Value`` counters, created before the workers start and inherited by
     them, so the main process always reads the current totals (the ``data/skipped`` metric).
@@ -371,9 +423,10 @@ class SkipCounter:
         self.min_seen = min_seen
         self._seen = multiprocessing.Value("q", 0)
         self._skipped = multiprocessing.Value("q", 0)
-        self._over_limit = multiprocessing.Value("q", 0)
+        self._reasons = {reason: multiprocessing.Value("q", 0) for reason in SKIP_REASONS}
         self._logged = 0
         self._first: str | None = None
+        self._per_shard: dict[str, int] = {}  # this process's skips per shard, for the error
 
     @property
     def seen(self) -> int:
@@ -385,40 +438,140 @@ class SkipCounter:
 
     @property
     def over_limit(self) -> int:
-        return self._over_limit.value
+        return self._reasons["over_limit"].value
+
+    @property
+    def first(self) -> str | None:
+        """The first skip this process counted (workers keep their own)."""
+        return self._first
+
+    def by_reason(self) -> dict[str, int]:
+        """``{reason: skips}`` for every reason of `SKIP_REASONS` (zeros included)."""
+        return {reason: value.value for reason, value in self._reasons.items()}
 
     def ok(self) -> None:
         with self._seen.get_lock():
             self._seen.value += 1
 
-    def skip(self, what: str, over_limit: bool = False) -> None:
-        """Count one bad sample (``over_limit``: refused by a resource limit); raise
-        `TooManyBadSamples` once past the allowed fraction."""
-        if over_limit:
-            with self._over_limit.get_lock():
-                self._over_limit.value += 1
+    def skip(
+        self, what: str, over_limit: bool = False, *, reason: str | None = None, shard: str | None = None,
+        count: int = 1,
+    ) -> None:  # fmt: skip
+        """Count ``count`` lost samples (reason: ``over_limit`` when set, else ``undecodable``)
+        from ``shard``; raise `TooManyBadSamples`, naming the shard, once past the allowed fraction."""
+        reason = reason or ("over_limit" if over_limit else "undecodable")
+        if reason not in self._reasons:
+            raise ValueError(f"unknown skip reason {reason!r}; known: {SKIP_REASONS}")
+        with self._reasons[reason].get_lock():
+            self._reasons[reason].value += count
         with self._seen.get_lock():
-            self._seen.value += 1
+            self._seen.value += count
             seen = self._seen.value
         with self._skipped.get_lock():
-            self._skipped.value += 1
+            self._skipped.value += count
             skipped = self._skipped.value
+        if shard is not None:
+            self._per_shard[shard] = self._per_shard.get(shard, 0) + count
         self._first = self._first or what
         if self._logged < self.LOGGED:
             self._logged += 1
             tail = "; further skips are only counted" if self._logged == self.LOGGED else ""
-            log.warning("skipped a bad sample (%d so far): %s%s", skipped, what, tail)
+            lost = f"{count} samples" if count > 1 else "a sample"
+            log.warning("skipped %s (%s, %d so far): %s%s", lost, reason, skipped, what, tail)
         if seen >= self.min_seen and skipped > self.max_fraction * seen:
+            worst = ""
+            if self._per_shard:
+                url, n = max(self._per_shard.items(), key=lambda kv: kv[1])
+                worst = f"; shard {url}: {n} of them"
             raise TooManyBadSamples(
                 f"{skipped} of {seen} samples could not be read ({skipped / seen:.1%} > "
-                f"max_skip_fraction {self.max_fraction:.1%}); first failure: {self._first}. "
+                f"max_skip_fraction {self.max_fraction:.1%}){worst}; first failure: {self._first}. "
                 "Rebuild or remove the bad shards, or raise max_skip_fraction."
             )
 
     def handler(self, exn: Exception) -> bool:
         """webdataset error handler: count an unreadable shard/member and continue."""
-        self.skip(f"{type(exn).__name__}: {exn}")
+        self.skip(f"{type(exn).__name__}: {_error_text(exn)}", reason="shard_error")
         return True
+
+
+def skip_summary(by_reason: Mapping[str, int]) -> str:
+    """``{"missing": 3, "over_limit": 1, ...}`` -> ``"3 missing, 1 over_limit"`` (zeros left out)."""
+    return ", ".join(f"{n} {reason}" for reason, n in by_reason.items() if n) or "none"
+
+
+def _error_text(exn: BaseException) -> str:
+    """An exception's own message, without what webdataset appends (`` @ <stream>``, url args)."""
+    first = str(exn.args[0]) if exn.args else str(exn)
+    return first.split(" @ ", 1)[0]
+
+
+# --- reading shards ---------------------------------------------------------------------------
+@dataclass
+class ShardRead:
+    """What one pass over one shard gave: samples read from the tar and, of those, decoded,
+    skipped (counted, this shard's read errors included) and left to another rank."""
+
+    url: str
+    read: int = 0
+    ok: int = 0
+    skipped: int = 0
+    dropped: int = 0
+
+
+def read_shards(
+    urls: Iterable[str], counter: SkipCounter, expected: Mapping[str, int] | None = None,
+    expected_total: int | None = None, count_losses: bool = True,
+) -> Iterator[dict]:  # fmt: skip
+    """webdataset samples of each shard in turn, every lost sample counted once in ``counter``.
+
+    A read error (truncated member, corrupt tar, missing file) counts one ``shard_error``: the
+    errors that follow it before the next sample are the same damage, and the partial sample it
+    leaves is marked ``__damaged__`` so `decode_payloads` does not count it again. Where
+    ``expected`` gives a shard's sample count (its manifest), the samples it falls short by are
+    counted as ``missing`` once the shard has been read to its end and its samples decoded;
+    ``expected_total`` does the same for all ``urls`` together. Each sample carries its
+    `ShardRead` as ``__read__``. ``count_losses=False`` leaves read errors and missing samples
+    to another reader of the same shards (only decode failures are then counted here).
+    """
+    reads: list[ShardRead] = []
+    for url in urls:
+        tally = ShardRead(url)
+        reads.append(tally)
+        yield from _read_shard(tally, counter, (expected or {}).get(_shard_key(url)), count_losses)
+    if expected_total is not None and count_losses:
+        lost = expected_total - sum(t.ok + t.skipped + t.dropped for t in reads)
+        if lost > 0:
+            where = reads[0].url if len(reads) == 1 else f"{len(reads)} shards ({reads[0].url}, ...)"
+            counter.skip(f"{where}: {lost} of the {expected_total} val samples the manifest lists are missing",
+                         reason="missing", shard=reads[0].url if reads else None, count=lost)  # fmt: skip
+
+
+def _read_shard(tally: ShardRead, counter: SkipCounter, expected: int | None, count_losses: bool) -> Iterator[dict]:
+    url = tally.url
+    in_error = damaged = False
+
+    def handler(exn: Exception) -> bool:
+        nonlocal in_error, damaged
+        if not in_error and count_losses:
+            counter.skip(f"{url}: {type(exn).__name__}: {_error_text(exn)}", reason="shard_error", shard=url)
+            tally.skipped += 1
+        in_error = damaged = True
+        return True
+
+    for sample in wds.tarfile_samples([{"url": url}], handler=handler):
+        in_error = False
+        tally.read += 1
+        sample["__read__"] = tally
+        if damaged:
+            sample["__damaged__"], damaged = True, False
+        yield sample
+    # the consumer asked past the last sample: every sample of this shard is decoded and counted
+    if expected is not None and count_losses:
+        lost = expected - tally.ok - tally.skipped - tally.dropped
+        if lost > 0:
+            counter.skip(f"{url}: {lost} of the {expected} samples its manifest lists are missing "
+                         f"(the shard ends after {tally.read})", reason="missing", shard=url, count=lost)  # fmt: skip
 
 
 # --- streams ----------------------------------------------------------------------------------
@@ -440,15 +593,23 @@ def decode_payloads(samples: Iterable[dict], source: Source, counter: SkipCounte
     """Decode each sample's member into payload bytes through the adapter; count failures."""
     adapter = source.adapter()
     for sample in samples:
+        tally = sample.get("__read__")
         try:
             ext, data = _member(sample, adapter.extensions)
             meta = json.loads(sample["json"]) if source.manifest and "json" in sample else {}
             payload = adapter.encode(data, {**meta, "extension": ext})
         except Exception as e:  # noqa: BLE001 — any decoder failure is a counted skip by design
-            what = f"{sample.get('__url__')} {sample.get('__key__')}: {type(e).__name__}: {e}"
-            counter.skip(what, over_limit=isinstance(e, ResourceLimitError))
+            if sample.get("__damaged__"):
+                continue  # cut short by a read error of its shard, which was counted for it
+            url = sample.get("__url__")
+            what = f"{url} {sample.get('__key__')}: {type(e).__name__}: {e}"
+            counter.skip(what, over_limit=isinstance(e, ResourceLimitError), shard=url)
+            if tally is not None:
+                tally.skipped += 1
             continue
         counter.ok()
+        if tally is not None:
+            tally.ok += 1
         yield payload
 
 
@@ -500,7 +661,7 @@ class TrainStream(IterableDataset):
         # seed: ResampledShards mixes in (rank, worker) itself
         shards = wds.ResampledShards(source.train, seed=wds.utils.make_seed(self.seed, i), deterministic=True)
         urls = wds.split_by_worker(wds.split_by_node(iter(shards)))  # thin endless per-rank streams
-        samples = wds.tarfile_samples(urls, handler=self.counter.handler)
+        samples = read_shards((u["url"] for u in urls), self.counter, source.expected)
         windows = _train_windows(decode_payloads(samples, source, self.counter), source.modality, self.seq_len)
         rng = random.Random(wds.utils.make_seed(self.seed, i, rank, worker))
         tag = TAGS[source.modality]
@@ -521,6 +682,15 @@ class TrainStream(IterableDataset):
         return _batched(self._mixed(), self.batch_size, partial=False)
 
 
+def _keep_every(samples: Iterable[dict], every: int, rank: int) -> Iterator[dict]:
+    """Every ``every``-th sample from ``rank`` on; the others are marked left to other ranks."""
+    for j, sample in enumerate(samples):
+        if j % every == rank:
+            yield sample
+        else:
+            sample["__read__"].dropped += 1
+
+
 class ValStream(IterableDataset):
     """Validation batches: each source's val shards once, in a fixed order, every sample read
     by exactly one (rank, worker) and windowed on its own (`stream_windows`)."""
@@ -536,9 +706,13 @@ class ValStream(IterableDataset):
         elif world > 1:
             keep_every = world  # fewer shards than ranks: every rank reads all, keeps 1/world
         shards = shards[worker::workers]
-        samples = wds.tarfile_samples(({"url": u} for u in shards), handler=self.counter.handler)
+        # read errors and missing samples of shards every rank reads are counted by rank 0 alone;
+        # the manifest's val total is checked where one process reads all of this source's shards
+        alone = world == 1 and workers == 1
+        samples = read_shards(shards, self.counter, source.expected, source.val_total if alone else None,
+                              count_losses=keep_every == 1 or rank == 0)  # fmt: skip
         if keep_every > 1:
-            samples = (s for j, s in enumerate(samples) if j % keep_every == rank)
+            samples = _keep_every(samples, keep_every, rank)
         tag = TAGS[source.modality]
         return ((w, tag) for w in _sample_windows(decode_payloads(samples, source, self.counter), tag, self.seq_len))
 
@@ -606,7 +780,8 @@ class ByteDataModule(lightning.LightningDataModule):
         self.max_skip_fraction, self.min_seen = max_skip_fraction, min_seen_for_skip_check
         self.sources: list[Source] = []
         self.weights: list[float] = []
-        self._counter: SkipCounter | None = None
+        self._counter: SkipCounter | None = None  # training stream
+        self._val_counter: SkipCounter | None = None  # validation stream (its own fraction)
         self._restarts = 0  # bumped on resume so a resumed run does not replay the same data
 
     # set-up ------------------------------------------------------------------------------
@@ -635,6 +810,7 @@ class ByteDataModule(lightning.LightningDataModule):
         self.weights = self._resolve_weights(sources)
         self.sources = sources
         self._counter = SkipCounter(self.max_skip_fraction, self.min_seen)
+        self._val_counter = SkipCounter(self.max_skip_fraction, self.min_seen)
 
     def _check_fits(self, source: Source) -> None:
         settings = source.adapter().settings
@@ -696,24 +872,40 @@ class ByteDataModule(lightning.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         self.setup("validate")
-        stream = ValStream([s for s in self.sources if s.val], self.seq_len, self.val_batch_size, self._counter)
+        stream = ValStream([s for s in self.sources if s.val], self.seq_len, self.val_batch_size, self._val_counter)
         return self._loader(stream, persistent=True)
 
     # reporting ----------------------------------------------------------------------------
+    def _counters(self, split: str | None) -> list[SkipCounter]:
+        if split not in (None, "train", "val"):
+            raise ValueError(f"split must be 'train', 'val' or None, got {split!r}")
+        picked = [self._counter] if split == "train" else [self._val_counter] if split == "val" else \
+            [self._counter, self._val_counter]  # fmt: skip
+        return [c for c in picked if c is not None]
+
     @property
     def skipped(self) -> int:
-        """Samples skipped so far (all loaders and workers of this process): ``data/skipped``."""
-        return self._counter.skipped if self._counter else 0
+        """Samples skipped so far (all loaders and workers of this process, training and validation)."""
+        return sum(c.skipped for c in self._counters(None))
 
     @property
     def seen(self) -> int:
         """Samples read so far, skipped ones included."""
-        return self._counter.seen if self._counter else 0
+        return sum(c.seen for c in self._counters(None))
 
     @property
     def over_limit(self) -> int:
         """Of the skipped samples, those above an adapter's resource limit (never decoded)."""
-        return self._counter.over_limit if self._counter else 0
+        return sum(c.over_limit for c in self._counters(None))
+
+    def skips(self, split: str | None = None) -> dict[str, int]:
+        """Skipped samples so far by reason (`SKIP_REASONS`, zeros included) of the ``"train"``
+        or ``"val"`` stream (cumulative over validation passes), or both (None)."""
+        out = dict.fromkeys(SKIP_REASONS, 0)
+        for counter in self._counters(split):
+            for reason, n in counter.by_reason().items():
+                out[reason] += n
+        return out
 
     def modality_settings(self) -> dict[str, dict]:
         """``{modality name: adapter.settings_dict()}``, saved with checkpoints so sampling and

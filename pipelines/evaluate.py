@@ -25,24 +25,29 @@ import torch
 
 from polybyte.modalities import NUM_BYTES, PAD, RESOURCE_LIMITS, TAGS
 
-from .data import BPBMeter, SkipCounter, Source, decode_payloads, resolve_sources, sample_stream, stream_windows
+from .data import (
+    SKIP_REASONS, BPBMeter, SkipCounter, Source, _parse_specs, decode_payloads, read_shards, resolve_sources,
+    sample_stream, skip_summary, stream_windows,
+)  # fmt: skip
 from .export import load_exported
 
 LN2 = math.log(2.0)
 
 
-def val_payloads(source: Source) -> list[bytes]:
-    """Every readable val payload of a source, in the fixed val order (skips are counted)."""
-    import webdataset as wds
-
+def read_val(source: Source) -> tuple[list[bytes], SkipCounter]:
+    """Every readable val payload of a source, in the fixed val order, and the counter of the
+    samples lost on the way (by reason; manifest shortfalls included)."""
     if not source.val:
         raise ValueError(f"source {source.name!r} has no val shards (val-*.tar); shard it with --val-fraction > 0")
     counter = SkipCounter(max_fraction=0.5, min_seen=10)
-    samples = wds.tarfile_samples(({"url": u} for u in source.val), handler=counter.handler)
+    samples = read_shards(source.val, counter, source.expected, source.val_total)
     payloads = list(decode_payloads(samples, source, counter))
-    if counter.skipped:
-        print(f"eval: {source.name}: skipped {counter.skipped} unreadable samples", file=sys.stderr)
-    return payloads
+    return payloads, counter
+
+
+def val_payloads(source: Source) -> list[bytes]:
+    """Every readable val payload of a source, in the fixed val order (skips are counted)."""
+    return read_val(source)[0]
 
 
 @torch.no_grad()
@@ -84,8 +89,14 @@ def evaluate(
     batch_size: int = 8,
     device: str | None = None,
     max_samples: int | None = None,
+    adapter_settings: dict[str, dict] | None = None,
 ) -> dict:
-    """Score the val samples of each ``modality=DIR`` source; write the report files."""
+    """Score the val samples of each ``modality=DIR`` source; write the report files.
+
+    ``adapter_settings`` (``{source name: {setting: value}}``, as ``data.adapter_settings``)
+    override the settings a source is read with. A source without a manifest (a third-party
+    webdataset) is read with the settings the checkpoint was trained with for its modality.
+    """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, info = load_exported(ckpt, device)
     if seq_len is None:
@@ -97,19 +108,34 @@ def evaluate(
     if not 0 < stride <= seq_len:
         raise ValueError(f"--stride must be in 1..seq_len={seq_len}, got {stride}")
     trained = info.get("modalities", {})
-    sources = resolve_sources(data)
+    sources = resolve_sources(data, adapter_settings=_settings_arg(adapter_settings))
+    for (_, loc), source in zip(_parse_specs(data), sources):
+        if not source.val and not Path(loc).expanduser().is_dir():
+            source.val = list(source.train)  # a glob or brace pattern names the shards to score
+        if not source.manifest and source.modality in trained:
+            base = {k: v for k, v in trained[source.modality].items() if k != "name"}
+            source.settings = {**base, **source.settings}  # explicit settings still win
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report: dict = {"checkpoint": str(ckpt), "backbone": info["model"]["backbone"], "seq_len": seq_len,
-                    "stride": stride, "params": model.num_params(), "modalities": {}}  # fmt: skip
+                    "stride": stride, "params": model.num_params(), "modalities": {},
+                    "skipped": {"total": 0, **dict.fromkeys(SKIP_REASONS, 0)}}  # fmt: skip
     excerpt = None  # a text excerpt for BLT's patch plot
     for source in sources:
         adapter = source.adapter()
         settings = adapter.settings_dict()
         _check_settings(source, settings, trained.get(source.modality))
-        payloads = val_payloads(source)[:max_samples]
+        payloads, counter = read_val(source)
+        lost = counter.by_reason()
         if not payloads:
-            raise ValueError(f"source {source.name!r}: no readable val samples")
+            raise ValueError(
+                f"source {source.name!r}: none of its {counter.seen} val samples could be read "
+                f"({skip_summary(lost)}; first failure: {counter.first}), e.g. in {source.val[0]}"
+            )
+        payloads = payloads[:max_samples]
+        for reason, n in lost.items():
+            report["skipped"][reason] += n
+        report["skipped"]["total"] += counter.skipped
         if source.modality == "text" and excerpt is None:
             excerpt = payloads[0][:160]
         tag = TAGS[source.modality]
@@ -122,6 +148,7 @@ def evaluate(
         entry = {
             "source": source.name, "samples": len(payloads), "payload_bytes": count, "windows": result["windows"],
             "bpb": bits / count, "seconds": seconds, "settings": settings,
+            "skipped": {"total": counter.skipped, **lost},
         }  # fmt: skip
         if source.modality == "image":
             entry["bits_per_dim"] = entry["bpb"]  # 8-bit RGB: one byte per dimension
@@ -132,14 +159,42 @@ def evaluate(
 
             entry["codecs"] = codec_bpb(source.modality, payloads, settings)
         report["modalities"][source.name] = entry
-        print(f"eval: {source.name}: {entry['bpb']:.4f} bits/byte over {count} bytes of {len(payloads)} samples")
+        skipped = f"; {counter.skipped} skipped ({skip_summary(lost)})" if counter.skipped else ""
+        print(f"eval: {source.name}: {entry['bpb']:.4f} bits/byte over {count} bytes of {len(payloads)} samples"
+              f"{skipped}")  # fmt: skip
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(markdown_report(report))
     plot_bpb(report, out / "bpb.png")
     if model.backbone == "blt" and excerpt is not None:
         plot_patches(model, excerpt, out / "patches.png", device)
-    print(f"eval: report written to {out}/report.md")
+    print(f"eval: report written to {out}/report.md; {_skipped_line(report['skipped'])}")
     return report
+
+
+def _skipped_line(skipped: dict) -> str:
+    """``{"total": 3, "missing": 3, ...}`` -> ``"3 samples skipped (3 missing)"``."""
+    if not skipped.get("total"):
+        return "no samples skipped"
+    return f"{skipped['total']} samples skipped ({skip_summary({k: v for k, v in skipped.items() if k != 'total'})})"
+
+
+def _settings_arg(value) -> dict[str, dict] | None:
+    """``--adapter-settings``: a mapping ``{source name: {setting: value}}``, or its JSON/YAML text."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        import yaml
+
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ValueError(f"--adapter-settings is not JSON/YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise ValueError(
+            f"--adapter-settings must map source names to settings, e.g. '{{\"image\": {{\"size\": 32}}}}'; "
+            f"got {value!r}"
+        )
+    return {str(k): dict(v) for k, v in value.items()}
 
 
 def _check_settings(source: Source, settings: dict, trained: dict | None) -> None:
@@ -151,17 +206,24 @@ def _check_settings(source: Source, settings: dict, trained: dict | None) -> Non
     differ = {k: (v, trained[k]) for k, v in settings.items() if k in trained and trained[k] != v and k not in ignored}
     if differ:
         detail = ", ".join(f"{k}: data {a!r} vs model {b!r}" for k, (a, b) in differ.items())
-        raise ValueError(f"source {source.name!r} was encoded differently from the model's training data ({detail})")
+        fix = json.dumps({source.name: {k: b for k, (_, b) in differ.items()}})
+        raise ValueError(
+            f"source {source.name!r} was encoded differently from the model's training data ({detail}); "
+            f"to read it as the model was trained, pass --adapter-settings '{fix}'"
+        )
 
 
 def markdown_report(report: dict) -> str:
     lines = [f"# polybyte eval — {report['backbone']}", "",
              f"checkpoint `{report['checkpoint']}`, {report['params'] / 1e6:.2f}M parameters, "
-             f"seq_len {report['seq_len']}, stride {report['stride']}", ""]  # fmt: skip
+             f"seq_len {report['seq_len']}, stride {report['stride']}", "",
+             f"Skipped: {_skipped_line(report.get('skipped') or {})}.", ""]  # fmt: skip
     for name, e in report["modalities"].items():
         unit = " (= bits/dim)" if "bits_per_dim" in e else (", bits/sample" if "bits_per_sample" in e else "")
         lines += [f"## {name} ({e['samples']} samples, {e['payload_bytes']} payload bytes)", "",
                   f"| method | bits/byte{unit} |", "|---|---|"]  # fmt: skip
+        if (e.get("skipped") or {}).get("total"):
+            lines[-2:-2] = [f"{_skipped_line(e['skipped'])} on the way.", ""]
         extra = e.get("bits_per_sample")
         lines.append(f"| **{report['backbone']}** | {e['bpb']:.4f}" + (f", {extra:.3f}" if extra else "") + " |")
         for codec, r in (e.get("codecs") or {}).items():
@@ -231,10 +293,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-samples", type=int, default=None, help="score only the first N val samples per source")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--adapter-settings", default=None, metavar="JSON",
+                   help="adapter settings per source name, as data.adapter_settings, e.g. "
+                        "'{\"image\": {\"size\": 32}}' (default: the manifest's; without one, the checkpoint's)")  # fmt: skip
     args = p.parse_args(argv)
     try:
         evaluate(args.ckpt, args.data, args.out, codecs=args.codecs, stride=args.stride, seq_len=args.seq_len,
-                 batch_size=args.batch_size, device=args.device, max_samples=args.max_samples)  # fmt: skip
+                 batch_size=args.batch_size, device=args.device, max_samples=args.max_samples,
+                 adapter_settings=args.adapter_settings)  # fmt: skip
     except (ValueError, FileNotFoundError) as e:
         print(f"polybyte eval: error: {e}", file=sys.stderr)
         return 2

@@ -27,7 +27,7 @@ from polybyte.modalities import TAG_NAMES
 from polybyte.models import ByteLM, build_model, config_to_dict
 from polybyte.models.base import nll_loss
 
-from .data import BPBMeter, ByteDataModule
+from .data import SKIP_REASONS, BPBMeter, ByteDataModule, skip_summary
 from .export import load_exported, save_exported
 
 # Dense bf16 tensor-core peaks (datasheet, FLOP/s) used for MFU; unknown devices log no MFU.
@@ -45,6 +45,38 @@ def no_decay(name: str, param: torch.nn.Parameter, module_types: dict[str, type]
     """Norm weights, biases, embeddings, hash tables and pad/start parameters get no weight decay."""
     owner = module_types.get(name.rsplit(".", 1)[0], type(None))
     return param.ndim < 2 or issubclass(owner, (torch.nn.Embedding, torch.nn.RMSNorm, torch.nn.LayerNorm))
+
+
+def check_model_dict(model: Any) -> None:
+    """Refuse a ``model.model`` that names no known backbone or holds a key no backbone has, with
+    one line naming the key: a dict given on the command line replaces the config's whole
+    ``model.model``, so a partial override loses the backbone."""
+    import dataclasses
+    import difflib
+
+    from polybyte.models import backbone_names, config_class
+
+    if not isinstance(model, dict):
+        raise ValueError(f"model.model must be a mapping such as {{backbone: megabyte, ...}}, got {model!r}")
+    known = backbone_names()
+    name = model.get("backbone")
+    if name is not None and name not in known:
+        raise ValueError(f"model.model.backbone {name!r} is unknown; known: {known}")
+    fields = {f.name for n in ([name] if name else known) for f in dataclasses.fields(config_class(n))}
+    stray = sorted(k for k in model if k != "backbone" and k not in fields)
+    if stray:
+        hints = [f"{k!r}" + (f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, fields, 1)) else "")
+                 for k in stray]  # fmt: skip
+        owner = f"backbone {name!r}" if name else "any backbone"
+        raise ValueError(f"model.model: unknown key {', '.join(hints)}: not a field of {owner}"
+                         + ("" if name else "; a dict given on the command line replaces the config's whole "
+                            "model.model, so give its backbone too, or set one field with --model.model.KEY VALUE"))  # fmt: skip
+    if name is None:
+        raise ValueError(
+            f"model.model names no backbone (keys given: {sorted(model)}): a dict given on the command line "
+            f"replaces the config's whole model.model, so add \"backbone\" (one of {known}), or set one field "
+            f"with --model.model.KEY VALUE"
+        )
 
 
 class ByteLMModule(L.LightningModule):
@@ -80,6 +112,7 @@ class ByteLMModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        check_model_dict(model)
         self.model: ByteLM = build_model(dict(model))
         if entropy_model:
             self._load_entropy_model(entropy_model)
@@ -157,9 +190,7 @@ class ByteLMModule(L.LightningModule):
         self._log_train_bpb(nll.detach(), ids, modality)
         self._log_throughput(B * T)
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
-        skipped = self._skipped()
-        if skipped is not None:
-            self.log("data/skipped", float(skipped))
+        self._log_skips("train", "data/skipped")
         return loss
 
     def _log_train_bpb(self, nll: torch.Tensor, ids: torch.Tensor, modality: torch.Tensor) -> None:
@@ -209,9 +240,52 @@ class ByteLMModule(L.LightningModule):
     def on_train_start(self) -> None:
         self._peak_flops = device_peak_flops(self.device)
 
-    def _skipped(self):
+    def _log_skips(self, split: str, key: str) -> dict[str, int] | None:
+        """Log ``key`` (samples the ``split`` stream lost so far) and ``key_<reason>`` per reason
+        of `SKIP_REASONS` (``over_limit`` included); None when the data module counts none."""
         dm = getattr(self.trainer, "datamodule", None)
-        return getattr(dm, "skipped", None) if dm is not None else None
+        if not hasattr(dm, "skips"):
+            return None
+        counts = dm.skips(split)
+        self.log(key, float(sum(counts.values())))
+        for reason, n in counts.items():
+            self.log(f"{key}_{reason}", float(n))
+        return counts
+
+    def _val_skips(self) -> dict[str, int] | None:
+        """Samples this validation pass lost, by reason, summed over ranks (the counters are
+        cumulative: the pass's share is the change since the last pass ended)."""
+        dm = getattr(self.trainer, "datamodule", None)
+        if not hasattr(dm, "skips"):
+            return None
+        now = dm.skips("val")
+        before = getattr(self, "_val_skips_before", None) or dict.fromkeys(now, 0)
+        self._val_skips_before = now
+        delta = torch.tensor([now[r] - before.get(r, 0) for r in SKIP_REASONS], dtype=torch.float64, device=self.device)
+        if self.trainer.world_size > 1:
+            torch.distributed.all_reduce(delta)
+        return {r: int(v) for r, v in zip(SKIP_REASONS, delta.tolist())}
+
+    def _check_val_modalities(self, totals: dict, skips: dict[str, int] | None) -> None:
+        """A modality that has val shards but scored no sample in a full validation pass is an error
+        in ``validate`` and a warning in ``fit`` (a limited pass may simply not reach it)."""
+        dm = getattr(self.trainer, "datamodule", None)
+        limit = self.trainer.limit_val_batches
+        if self.trainer.sanity_checking or not (type(limit) is float and limit == 1.0):
+            return
+        expected = {s.modality: s for s in getattr(dm, "sources", []) if s.val}
+        scored = {TAG_NAMES[tag] for tag, (_, count) in totals.items() if count > 0}
+        empty = [m for m in expected if m not in scored]
+        if not empty:
+            return
+        lost = skips or {}
+        shards = "; ".join(f"{m}: {len(expected[m].val)} val shards, e.g. {expected[m].val[0]}" for m in empty)
+        message = (f"validation scored no {' or '.join(empty)} sample although the data has val shards ({shards}); "
+                   f"{sum(lost.values())} val samples were skipped ({skip_summary(lost)}), reasons in the warnings above")  # fmt: skip
+        if self.trainer.state.fn == "validate":
+            raise ValueError(message)
+        if self.trainer.is_global_zero:
+            print(f"polybyte fit: warning: {message}", file=sys.stderr)
 
     # --- validation ---------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
@@ -231,6 +305,20 @@ class ByteLMModule(L.LightningModule):
         for tag, (bits, count) in totals.items():
             if count > 0:
                 self.log(f"val/bpb_{TAG_NAMES[tag]}", bits / count, sync_dist=False, rank_zero_only=False)
+        skips = self._val_skips()
+        if skips is not None:
+            values = {"val/skipped": float(sum(skips.values())), **{f"val/skipped_{r}": float(n) for r, n in skips.items()}}
+            for key, value in values.items():
+                self.log(key, value, sync_dist=False, rank_zero_only=False)
+        try:
+            self._check_val_modalities(totals, skips)
+        except ValueError:
+            # straight to the loggers: the run ends before Lightning writes this pass's metrics
+            logged = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("val/")}
+            for logger in self.loggers:
+                logger.log_metrics(logged, step=self.global_step)
+                logger.save()
+            raise
 
     # --- optimisation -------------------------------------------------------------------------
     def on_before_optimizer_step(self, optimizer) -> None:

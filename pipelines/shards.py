@@ -79,7 +79,12 @@ class _SplitWriter:
     samples: int = 0
     payload_bytes: int = 0
     shards: list[str] = field(default_factory=list)
+    shard_samples: list[int] = field(default_factory=list)  # samples in each of `shards`
     _writer: wds.ShardWriter | None = None
+
+    def _closed(self, fname: str) -> None:
+        self.shards.append(Path(fname).name)
+        self.shard_samples.append(self.samples - sum(self.shard_samples))
 
     def write(self, sample: _Sample) -> None:
         if self._writer is None:
@@ -87,7 +92,7 @@ class _SplitWriter:
                 str(self.out_dir / f"{self.split}-%06d.tar"),
                 maxcount=self.maxcount,
                 maxsize=self.maxsize,
-                post=lambda fname: self.shards.append(Path(fname).name),
+                post=self._closed,
                 verbose=0,
                 encoder=False,  # members are bytes already; never pickle
                 user="polybyte",
@@ -103,7 +108,8 @@ class _SplitWriter:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
-        return {"samples": self.samples, "payload_bytes": self.payload_bytes, "shards": self.shards}
+        return {"samples": self.samples, "payload_bytes": self.payload_bytes, "shards": self.shards,
+                "shard_samples": self.shard_samples}  # fmt: skip
 
 
 # --- inputs -----------------------------------------------------------------------------------
@@ -215,7 +221,7 @@ def _image_samples(
     base = {"modality": "image", "source": source, "size": adapter.settings.size}
     if item.path.suffix.lower() == ".npz":
         size = adapter.settings.size
-        for i, pixels, label in read_npz_batch(item.path):
+        for i, pixels, label in read_npz_batch(item.path, max_pixels=adapter.settings.max_pixels):
             if pixels.shape[0] != size:
                 pixels = adapter.fit(Image.fromarray(pixels))
             meta = {**base, "index": i, **({} if label is None else {"label": label})}

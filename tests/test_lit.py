@@ -34,12 +34,17 @@ VAL_SAMPLES = {"text": 2, "image": 3, "audio": 2}  # per modality in the small v
 
 
 def head_shards(shards: dict[str, Path], out: Path, counts: dict[str, int]) -> dict[str, Path]:
-    """Folders holding the first ``counts[m]`` val samples of each demo source (+ its manifest)."""
+    """Folders holding the first ``counts[m]`` val samples of each demo source, with its manifest
+    made to list just them (loaders count the samples a shard lacks against its manifest)."""
     dirs = {}
     for modality, src in shards.items():
         dst = out / modality
         dst.mkdir(parents=True, exist_ok=True)
-        (dst / "manifest.json").write_bytes((src / "manifest.json").read_bytes())
+        manifest = json.loads((src / "manifest.json").read_text())
+        manifest["splits"] = {"train": {"samples": 0, "payload_bytes": 0, "shards": [], "shard_samples": []},
+                              "val": {"samples": counts[modality], "shards": ["val-000000.tar"],
+                                      "shard_samples": [counts[modality]]}}  # fmt: skip
+        (dst / "manifest.json").write_text(json.dumps(manifest))
         keys: list[str] = []
         with tarfile.open(src / "val-000000.tar") as tin, tarfile.open(dst / "val-000000.tar", "w") as tout:
             for member in tin.getmembers():
