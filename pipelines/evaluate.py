@@ -38,7 +38,8 @@ def read_val(source: Source) -> tuple[list[bytes], SkipCounter]:
     """Every readable val payload of a source, in the fixed val order, and the counter of the
     samples lost on the way (by reason; manifest shortfalls included)."""
     if not source.val:
-        raise ValueError(f"source {source.name!r} has no val shards (val-*.tar); shard it with --val-fraction > 0")
+        hint = f", or name the shards to score: {source.name}='{source.train[-1]}'" if source.train else ""
+        raise ValueError(f"source {source.name!r} has no val shards (val-*.tar); shard it with --val-fraction > 0{hint}")
     counter = SkipCounter(max_fraction=0.5, min_seen=10)
     samples = read_shards(source.val, counter, source.expected, source.val_total)
     payloads = list(decode_payloads(samples, source, counter))

@@ -211,6 +211,12 @@ def test_eval_reads_a_third_party_webdataset_with_the_checkpoints_settings(cifar
     assert rc == 0, err
     b = json.loads((tmp_path / "b" / "report.json").read_text())["modalities"]["image"]
     assert b["bpb"] == pytest.approx(a["bpb"], abs=1e-9)
+    # shards named like training shards (the CIFAR-10 layout): the error says how to name them
+    train_only = tmp_path / "train_only"
+    train_only.mkdir()
+    shutil.copy(cifar_like / "val-000000.tar", train_only / "train-000000.tar")
+    rc, _, err = _eval([*base, "--data", f"image={train_only}", "--out", str(tmp_path / "c")], capsys)
+    assert rc == 2 and f"name the shards to score: image='{train_only / 'train-000000.tar'}'" in err
 
 
 def test_eval_adapter_settings_reencode_a_manifest_folder(tmp_path, cifar_export, capsys):
