@@ -102,11 +102,8 @@ def demo_config(out: Path, steps: int, minutes: float, shards: dict[str, Path]) 
     trainer["max_steps"] = steps
     trainer["max_time"] = {"seconds": max(1, round(minutes * 60))}  # Trainer takes int fields only
     trainer["val_check_interval"] = max(1, steps // 3)
-    for logger in trainer["logger"]:
-        logger["init_args"]["save_dir"] = str(run)
-    for cb in trainer["callbacks"]:
+    for cb in trainer["callbacks"]:  # logs and checkpoints follow default_root_dir
         if cb["class_path"].endswith("ExportCheckpoint"):
-            cb["init_args"]["dirpath"] = str(run / "checkpoints")
             cb["init_args"]["every_n_train_steps"] = max(1, steps // 3)
     cfg["data"]["sources"] = {m: str(d) for m, d in shards.items()}
     path = out / "demo.yaml"
@@ -120,6 +117,9 @@ def run_demo(out: Path, steps: int, minutes: float, samples: int) -> int:
     torch.set_num_threads(os.cpu_count() or 1)  # every core, explicitly: the demo has no loader processes
     shards = ensure_demo_shards()
     config = demo_config(out, steps, minutes, shards)
+    if (out / "run").exists():  # each demo trains afresh: `fit` refuses a folder holding another run
+        print(f"demo: replacing the previous demo run in {out / 'run'}", flush=True)
+        shutil.rmtree(out / "run")
 
     print(f"\ndemo: training {config} for {steps} steps on {torch.get_num_threads()} CPU threads "
           f"(safety cap {minutes:g} min)", flush=True)  # fmt: skip

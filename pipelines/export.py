@@ -3,6 +3,10 @@
 `config.json` holds the backbone config (``{"backbone": ..., fields}``), the modality adapter
 settings the model was trained with (``{"text": {...}, "image": {...}}``) and a few facts about
 the run (step, seq_len). `eval` and `sample` rebuild everything from these two files.
+
+The folder is written whole under a temporary name and renamed into place (checkpoints.py), so
+no reader sees a half-written config.json or weights file. Given a Lightning ``X.ckpt``,
+`load_exported` loads its export ``X/`` only when both record the same step.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from safetensors.torch import load_file, save_file
 
 from polybyte.models import ByteLM, build_model, config_to_dict
 
+from .checkpoints import ckpt_step, commit, one_line, prepare
+
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 
@@ -28,14 +34,19 @@ def save_exported(
     extra: dict[str, Any] | None = None,
     state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write ``model``'s weights (or ``state``, e.g. gathered from FSDP shards) and config."""
+    """Write ``model``'s weights (or ``state``, e.g. gathered from FSDP shards) and config into
+    ``out_dir``, replacing what an earlier save left there in one rename."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.is_dir() and any(out.iterdir()) and not (out / CONFIG).exists() and not (out / WEIGHTS).exists():
+        raise ValueError(f"{out} is a folder but not a polybyte export; refusing to replace it")
     # safetensors refuses shared storage (tied weights): save each tensor contiguous on its own.
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in (state or model.state_dict()).items()}
-    save_file(state, str(out / WEIGHTS))
     info = {"model": config_to_dict(model.config), "modalities": modalities, **(extra or {})}
-    (out / CONFIG).write_text(json.dumps(info, indent=2, sort_keys=True))
+    tmp = prepare(out)
+    tmp.mkdir()
+    save_file(state, str(tmp / WEIGHTS))
+    (tmp / CONFIG).write_text(json.dumps(info, indent=2, sort_keys=True))
+    commit(tmp, out)
     return out
 
 
@@ -58,7 +69,8 @@ def load_exported(path, device: str | torch.device = "cpu") -> tuple[ByteLM, dic
     """Rebuild the model from an export folder; returns (model in eval mode, config.json dict).
 
     Raises ValueError, naming the file, for an unreadable or invalid config.json, an unreadable
-    model.safetensors, weights unlike the config, or NaN/Inf weights (a diverged run).
+    model.safetensors, weights unlike the config, or NaN/Inf weights (a diverged run); given a
+    ``.ckpt``, also when it is unreadable or saved at another step than its export.
     """
     folder = resolve(path)
     config, weights = folder / CONFIG, folder / WEIGHTS
@@ -66,11 +78,13 @@ def load_exported(path, device: str | torch.device = "cpu") -> tuple[ByteLM, dic
         info = json.loads(config.read_text())
         model = build_model(dict(info["model"]))
     except Exception as e:  # noqa: BLE001 — any layer constructor may reject a bad field
-        raise ValueError(f"{config}: not a valid polybyte export config ({_one_line(e)})") from None
+        raise ValueError(f"{config}: not a valid polybyte export config ({one_line(e)})") from None
+    if Path(path).suffix == ".ckpt":
+        check_same_step(Path(path), config, info)
     try:
         state = load_file(str(weights), device=str(device))
     except (SafetensorError, OSError) as e:  # empty, truncated or not safetensors at all
-        raise ValueError(f"{weights}: unreadable safetensors file ({_one_line(e)})") from None
+        raise ValueError(f"{weights}: unreadable safetensors file ({one_line(e)})") from None
     bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise ValueError(
@@ -80,12 +94,23 @@ def load_exported(path, device: str | torch.device = "cpu") -> tuple[ByteLM, dic
     try:
         model.load_state_dict(state)
     except RuntimeError as e:  # missing/unexpected tensors or shapes unlike the config's dims
-        raise ValueError(f"{weights} does not match {config} ({_one_line(e)})") from None
+        raise ValueError(f"{weights} does not match {config} ({one_line(e)})") from None
     return model.to(device).eval(), info
 
 
-def _one_line(e: Exception, limit: int = 300) -> str:
-    """An exception as one short line: its type and whitespace-collapsed message."""
-    text = " ".join(str(e).split())
-    text = text if len(text) <= limit else text[: limit - 3] + "..."
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+def check_same_step(ckpt: Path, config: Path, info: dict[str, Any]) -> None:
+    """Refuse a ``.ckpt`` whose export records another step: a save interrupted between the two
+    (the export is written first), or files copied together from different saves."""
+    if not ckpt.exists():
+        raise FileNotFoundError(f"{ckpt}: no such checkpoint file (its export {config.parent} exists: pass that folder)")
+    step, exported = ckpt_step(ckpt), info.get("step")
+    if exported is None:
+        raise ValueError(f"{config} records no training step, so it cannot be matched with {ckpt}; "
+                         f"pass the folder {config.parent} to use it as it is")  # fmt: skip
+    if int(exported) != step:
+        raise ValueError(
+            f"{ckpt} is at step {step} but its export {config} is at step {exported}: they come from different "
+            f"saves (one was interrupted); pass the folder {config.parent} to use the step-{exported} export"
+        )
+
+

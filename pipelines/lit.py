@@ -2,7 +2,11 @@
 
 Every checkpoint `X.ckpt` written by `ExportCheckpoint` also gets a sibling folder `X/` holding
 `model.safetensors` + `config.json` (model and modality settings), which is what `polybyte eval`
-and `polybyte sample` load — no Lightning state, no pickles.
+and `polybyte sample` load — no Lightning state, no pickles. Both are written atomically, the
+export first (see checkpoints.py).
+
+One run folder: ``trainer.default_root_dir`` holds the loggers' ``tb/`` and ``csv/`` and the
+checkpoints in ``checkpoints/``; a fit refuses a folder holding another run's checkpoints.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -27,6 +32,7 @@ from polybyte.modalities import TAG_NAMES
 from polybyte.models import ByteLM, build_model, config_to_dict
 from polybyte.models.base import nll_loss
 
+from .checkpoints import TMP, check_ckpt_file, commit, prepare, refuse_other_run, sibling
 from .data import SKIP_REASONS, BPBMeter, ByteDataModule, skip_summary
 from .export import load_exported, save_exported
 
@@ -413,8 +419,23 @@ class ExportCheckpoint(ModelCheckpoint):
 
     It refuses to write non-finite weights, and on SIGTERM, SIGINT or SIGUSR1 it saves ``last``
     (``.ckpt`` + export) at the step reached: the signals go through Lightning's SIGTERM handling,
-    which ends the run after the current batch with ``SIGTERMException``.
+    which ends the run after the current batch with ``SIGTERMException``. Without ``dirpath`` it
+    writes to ``trainer.default_root_dir/checkpoints`` (Lightning's own default is under the
+    first logger's version folder). Each save writes the export, then the ``.ckpt``, each under a
+    temporary name renamed into place.
     """
+
+    def _default_dirpath(self, trainer: L.Trainer) -> None:
+        if self.dirpath is None:
+            self.dirpath = os.path.realpath(os.path.join(trainer.default_root_dir, "checkpoints"))
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._default_dirpath(trainer)
+        super().setup(trainer, pl_module, stage)
+
+    def _find_last_checkpoints(self, trainer: L.Trainer) -> set[str]:
+        self._default_dirpath(trainer)
+        return super()._find_last_checkpoints(trainer)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Route SIGINT and SIGUSR1 to the SIGTERM handler Lightning installed for this run,
@@ -442,6 +463,9 @@ class ExportCheckpoint(ModelCheckpoint):
         super().on_exception(trainer, pl_module, exception)
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        final = Path(filepath)
+        if trainer.is_global_zero:
+            prepare(final)  # a killed save's left-overs go before any rank writes
         # Every rank takes part: under FSDP this gathers the full, unsharded weights.
         full = trainer.strategy.lightning_module_state_dict()
         finite = all(bool(torch.isfinite(v).all()) for v in full.values() if v.is_floating_point())
@@ -450,14 +474,18 @@ class ExportCheckpoint(ModelCheckpoint):
                 f"refusing to write {filepath} at step {trainer.global_step}: the weights hold NaN/Inf; "
                 f"earlier checkpoints are kept"
             )
-        super()._save_checkpoint(trainer, filepath)
-        if trainer.is_global_zero:
+        if trainer.is_global_zero:  # the export first: a kill before the .ckpt lands leaves the pair's steps unequal
             module: ByteLMModule = trainer.lightning_module
             state = {k.removeprefix("model."): v for k, v in full.items() if k.startswith("model.")}
             dm = getattr(trainer, "datamodule", None)
             modalities = dm.modality_settings() if dm is not None and hasattr(dm, "modality_settings") else {}
             extra = {"step": trainer.global_step, "seq_len": getattr(dm, "seq_len", None)}
-            save_exported(Path(filepath).with_suffix(""), module.model, modalities, extra, state=state)
+            save_exported(final.with_suffix(""), module.model, modalities, extra, state=state)
+        tmp = sibling(final, TMP)  # the same name on every rank (sharded checkpoints: all ranks write)
+        super()._save_checkpoint(trainer, str(tmp))  # writes on the ranks the strategy picks, then a barrier
+        if trainer.is_global_zero:
+            commit(tmp, final)
+        self._last_checkpoint_saved = filepath
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Save ``last`` at the final step too when training stops between periodic checkpoints
@@ -475,13 +503,47 @@ class ExportCheckpoint(ModelCheckpoint):
 
 
 class PolybyteCLI(LightningCLI):
-    """LightningCLI whose ``validate`` scores every val sample, as ``polybyte eval`` does: a
-    config's ``limit_val_batches`` only shortens the checks during ``fit``, unless
-    ``--trainer.limit_val_batches`` is given on the command line."""
+    """LightningCLI with one run folder and checked checkpoints.
+
+    - ``trainer.default_root_dir`` is the run folder: unless the config lists its own loggers,
+      TensorBoard writes to ``ROOT/tb`` and CSV to ``ROOT/csv`` (flushed every logging step), and
+      an ``ExportCheckpoint`` without ``dirpath`` to ``ROOT/checkpoints``.
+    - ``fit`` refuses a checkpoint folder that holds another run's checkpoints unless it resumes
+      from it (``--ckpt_path last`` or a path in it); ``validate`` needs a checkpoint that exists.
+      A ``--ckpt_path`` that is missing or truncated is one error naming the file.
+    - ``validate`` scores every val sample, as ``polybyte eval`` does: a config's
+      ``limit_val_batches`` only shortens the checks during ``fit``, unless
+      ``--trainer.limit_val_batches`` is given on the command line.
+    """
 
     def __init__(self, *args, limit_validate: str | None = None, **kwargs) -> None:
         self.limit_validate = limit_validate  # set before super().__init__ runs the subcommand
         super().__init__(*args, **kwargs)
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI reads a ``--ckpt_path`` file's hyperparameters right after parsing:
+        check the file first, so a truncated one is one error naming it."""
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if path and Path(path).is_file():
+            check_ckpt_file(path)
+        super()._parse_ckpt_path()
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        config = self._get(self.config_init, "trainer", default={})
+        root = config.get("default_root_dir") or os.getcwd()  # what the Trainer defaults to
+        if config.get("logger") in (None, True) and "logger" not in kwargs:
+            every = config.get("log_every_n_steps") or 50
+            kwargs["logger"] = [TensorBoardLogger(root, name="tb"),
+                                CSVLogger(root, name="csv", flush_logs_every_n_steps=every)]  # fmt: skip
+        trainer = super().instantiate_trainer(**kwargs)
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ExportCheckpoint):
+                callback._default_dirpath(trainer)
+        return trainer
+
+    def before_fit(self) -> None:
+        self._check_ckpt_path(fit=True)
 
     def before_validate(self) -> None:
         if self.limit_validate is None:
@@ -490,6 +552,39 @@ class PolybyteCLI(LightningCLI):
             # Trainer types it float | int, so the parser makes "1" the fraction 1.0 (every
             # batch); a whole number typed on the command line is a batch count, as in Lightning
             self.trainer.limit_val_batches = int(self.limit_validate)
+        self._check_ckpt_path(fit=False)
+
+    def _check_ckpt_path(self, fit: bool) -> None:
+        """Look ``last`` up here (the newest ``last*.ckpt`` of the checkpoint callbacks, as
+        Lightning would) and check the file before Lightning loads it."""
+        config = self.config_init[self.subcommand]
+        asked = config.get("ckpt_path")
+        folders = [Path(cb.dirpath) for cb in self.trainer.checkpoint_callbacks
+                   if isinstance(cb, ModelCheckpoint) and cb.dirpath]  # fmt: skip
+        where = ", ".join(str(f) for f in folders) or "no checkpoint folder (no checkpoint callback)"
+        path, why = asked, ""
+        if asked == "last":
+            found = {p for cb in self.trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)
+                     for p in cb._find_last_checkpoints(self.trainer)}  # fmt: skip
+            path = max(found, key=os.path.getmtime) if found else None
+            why = f" but no last.ckpt (--ckpt_path last found none)" if path is None else ""
+            if path is None and not fit:
+                raise ValueError(f"--ckpt_path last: no last.ckpt in {where}; nothing to validate "
+                                 f"(pass a .ckpt file, or the run's --trainer.default_root_dir)")  # fmt: skip
+        elif asked is None and not fit:
+            raise ValueError(f"no checkpoint to validate: pass --ckpt_path last (the newest last.ckpt in {where}) "
+                             f"or --ckpt_path FILE.ckpt; an untrained model is not validated")  # fmt: skip
+        elif asked is not None:
+            text = str(asked)
+            if text in ("best", "hpc") or "://" in text or text.startswith("registry:"):
+                return  # Lightning's own look-ups
+            why = f" (--ckpt_path {asked} is not one of them)"
+        if path is not None:
+            check_ckpt_file(path)
+            config["ckpt_path"] = str(path)
+        if fit:
+            for folder in folders:
+                refuse_other_run(folder, path, why)
 
 
 def cli_value(args: list[str], key: str) -> str | None:

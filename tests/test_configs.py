@@ -96,15 +96,13 @@ def test_config_parses_and_is_consistent(path, monkeypatch):
     if data["sources"] != "demo" and "image" in data["sources"]:
         size = ((data.get("adapter_settings") or {}).get("image") or {}).get("size", IMAGE_SIZE_DEFAULT)
         assert data["seq_len"] >= 3 * size * size + 1, "an image + EOS must fit one window"
-    root = trainer["default_root_dir"]
-    for logger in trainer["logger"]:
-        assert logger["init_args"]["save_dir"] == root
+    # one run folder: no logger or checkpoint callback names a folder of its own
+    assert trainer["default_root_dir"] == f"runs/{path.stem}" and trainer.get("logger") is None
     (ckpt,) = [cb for cb in trainer["callbacks"] if cb["class_path"].endswith("ExportCheckpoint")]
-    assert ckpt["init_args"]["dirpath"] == f"{root}/checkpoints" and ckpt["init_args"]["save_last"] is True
+    assert ckpt["init_args"].get("dirpath") is None and ckpt["init_args"]["save_last"] is True
     if cfg["model"].get("entropy_model"):  # BLT with entropy patching loads the entropy run's export
         entropy = yaml.safe_load((REPO / "configs" / "entropy-model.yaml").read_text())
-        run_dir = entropy["trainer"]["callbacks"][0]["init_args"]["dirpath"]
-        assert cfg["model"]["entropy_model"] == f"{run_dir}/last"
+        assert cfg["model"]["entropy_model"] == f"{entropy['trainer']['default_root_dir']}/checkpoints/last"
         trained = {k: v for k, v in entropy["model"]["model"].items() if k not in ("backbone", "max_seq_len")}
         mine = {k: v for k, v in model["entropy_model"].items() if k != "max_seq_len"}
         assert mine == trained, "model.model.entropy_model must match configs/entropy-model.yaml"
@@ -167,12 +165,7 @@ def tiny_config(path: Path, tmp: Path, demo_shards: dict[str, Path]) -> tuple[Pa
         entropy = TransformerConfig(**{k: v for k, v in cfg["model"]["model"]["entropy_model"].items()})
         cfg["model"]["entropy_model"] = str(save_exported(tmp / "entropy", build_model(entropy), {}))
     trainer = cfg["trainer"]
-    trainer["default_root_dir"] = str(tmp / "run")
-    for item in trainer.get("logger") or []:
-        item["init_args"]["save_dir"] = str(tmp / "run")
-    for item in trainer.get("callbacks") or []:
-        if "dirpath" in item.get("init_args", {}):
-            item["init_args"]["dirpath"] = str(tmp / "run" / "checkpoints")
+    trainer["default_root_dir"] = str(tmp / "run")  # logs and checkpoints follow it
     out = tmp / path.name
     out.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return out, modalities

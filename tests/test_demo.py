@@ -50,8 +50,8 @@ def test_demo_config_is_demo_yaml_redirected(demo_shards, tmp_path, monkeypatch)
     assert cfg["trainer"]["max_steps"] == 40 and cfg["trainer"]["val_check_interval"] == 13
     run = str(tmp_path / "run")
     assert cfg["trainer"]["default_root_dir"] == run
-    assert all(lg["init_args"]["save_dir"] == run for lg in cfg["trainer"]["logger"])
-    assert cfg["trainer"]["callbacks"][0]["init_args"]["dirpath"] == f"{run}/checkpoints"
+    assert "logger" not in cfg["trainer"]  # logs and checkpoints follow default_root_dir
+    assert "dirpath" not in cfg["trainer"]["callbacks"][0]["init_args"]
 
     class ParseOnly(LightningCLI):
         def instantiate_classes(self) -> None:

@@ -59,16 +59,15 @@ def head_shards(shards: dict[str, Path], out: Path, counts: dict[str, int]) -> d
 
 
 def write_config(path: Path, run: Path, *, steps: int, val_every: int, ckpt_every: int, **data) -> Path:
-    """configs/debug.yaml with every output under ``run`` and a shorter, quieter schedule."""
+    """configs/debug.yaml with every output under ``run`` (its default_root_dir) and a shorter,
+    quieter schedule; metrics.csv is flushed at every step (log_every_n_steps 1)."""
     cfg = yaml.safe_load(DEBUG_YAML.read_text())
     trainer = cfg["trainer"]
     trainer.update(default_root_dir=str(run), max_steps=steps, val_check_interval=val_every,
                    limit_val_batches=2, log_every_n_steps=1, enable_progress_bar=False,
                    enable_model_summary=False)  # fmt: skip
-    for logger in trainer["logger"]:
-        logger["init_args"]["save_dir"] = str(run)
-    for cb in trainer["callbacks"]:
-        cb["init_args"].update(dirpath=str(run / "checkpoints"), every_n_train_steps=ckpt_every)
+    for cb in trainer["callbacks"]:  # logs and checkpoints follow default_root_dir
+        cb["init_args"].update(every_n_train_steps=ckpt_every)
     cfg["data"].update(num_workers=1, **data)
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
