@@ -128,5 +128,6 @@ def refuse_other_run(folder, ckpt_path, why: str = "") -> None:
     names = ", ".join(p.name for p in held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
     raise ValueError(
         f"{folder} already holds another run's checkpoints ({names}){why}; resume that run with "
-        f"--ckpt_path last, or write this one elsewhere with --trainer.default_root_dir runs/NEW"
+        f"--ckpt_path last (or one of its .ckpt files), or write this one elsewhere with "
+        f"--trainer.default_root_dir runs/NEW"
     )

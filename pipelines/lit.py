@@ -567,7 +567,7 @@ class PolybyteCLI(LightningCLI):
             found = {p for cb in self.trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)
                      for p in cb._find_last_checkpoints(self.trainer)}  # fmt: skip
             path = max(found, key=os.path.getmtime) if found else None
-            why = f" but no last.ckpt (--ckpt_path last found none)" if path is None else ""
+            why = " and no last.ckpt for --ckpt_path last" if path is None else ""
             if path is None and not fit:
                 raise ValueError(f"--ckpt_path last: no last.ckpt in {where}; nothing to validate "
                                  f"(pass a .ckpt file, or the run's --trainer.default_root_dir)")  # fmt: skip
