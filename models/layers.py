@@ -27,6 +27,8 @@ RMSNorm = nn.RMSNorm  # torch's own (fused on CUDA); eps set by callers
 # FlexAttention sparsity is per 128x128 block: shorter query runs gain nothing over a dense mask
 # and would each need their own block mask (decoding steps), so they take the dense path.
 FLEX_MIN_Q_LEN = 128
+# FlexAttention's fused kernels refuse head dims below 16 (torch 2.11): smaller heads are zero-padded
+FLEX_MIN_HEAD_DIM = 16
 # Plain (unmasked or causal) attention over at most this many keys is written out as two batched
 # matmuls and a softmax (``short_attention``): SDPA's flash/cuDNN kernels tile 64-128 queries and
 # keys, so MEGABYTE's local attentions over 8 bytes would waste >98% of every tile and launch
@@ -312,6 +314,12 @@ def masked_attention(
             from torch.nn.attention.flex_attention import flex_attention as flex
         else:
             flex = _compiled_flex() if q.device.type == "cuda" else _eager_flex()
+        Dh = q.shape[-1]
+        if Dh < FLEX_MIN_HEAD_DIM:  # zero columns change no dot product; keep the 1/sqrt(Dh) scale
+            pad = (0, FLEX_MIN_HEAD_DIM - Dh)
+            out = flex(F.pad(q, pad), F.pad(k, pad), F.pad(v, pad), block_mask=mask.block_mask, enable_gqa=gqa,
+                       scale=Dh**-0.5)  # fmt: skip
+            return out[..., :Dh]
         return flex(q, k, v, block_mask=mask.block_mask, enable_gqa=gqa)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, enable_gqa=gqa)
     # Some SDPA kernels return NaN for a query with no allowed key; FlexAttention returns 0.

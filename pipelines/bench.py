@@ -62,8 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--text", default=None, help="file whose bytes fill the windows (default: random bytes)")
     g.add_argument("--steps", type=int, default=20, help="timed steps per model (default %(default)s)")
     g.add_argument("--warmup", type=int, default=5, help="untimed steps first (default %(default)s)")
-    g.add_argument("--compile", action="store_true",
-                   help="train: torch.compile each model (sample: see --no-compile)")
+    g.add_argument("--compile", nargs="?", const="blocks", default=None, choices=["blocks", "model"],
+                   help="train: torch.compile each model as polybyte fit does: its repeated layers (blocks, the "
+                        "default) or the whole model as one graph (sample: see --no-compile)")
     g.add_argument("--train-batch-size", type=int, default=8, help="windows per step (default %(default)s)")
     g.add_argument("--peers", action="store_true",
                    help="also time the reference implementation of each MEGABYTE config (lucidrains' "
@@ -236,18 +237,23 @@ def _time_training(net, params, batches, pad_id: int, steps: int, warmup: int, c
 
 
 def bench_train(configs: list[str], text: str | None, batch_size: int, steps: int, warmup: int,
-                compile_model: bool, peers: bool = False, report=None, profile_dir: str | None = None) -> list[dict]:  # fmt: skip
+                compile_model: bool | str, peers: bool = False, report=None, profile_dir: str | None = None) -> list[dict]:  # fmt: skip
     """Time training steps of each config (and with ``peers``, the peer implementation of each
     MEGABYTE / BLT config at its shapes, right after it); returns one result dict per row.
+    ``compile_model``: a ``compile`` setting of polybyte fit (False, True, "blocks", "model");
+    peers are compiled whole (``torch.compile``) whenever ours are compiled.
     ``report(row)`` is called with each row as soon as it is measured. ``profile_dir``: write a
     torch.profiler operator table per row there (``NAME.txt``)."""
     from polybyte.models import build_model
+    from polybyte.pipelines.compiling import compile_for_training, compile_scope
     from polybyte.pipelines.lit import device_peak_flops
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
     corpus = np.frombuffer(Path(text).read_bytes(), dtype=np.uint8) if text else None
     peak = device_peak_flops(device)
+    scope = compile_scope(compile_model)
+    compile_model = scope is not None
     results = []
 
     def emit(row):
@@ -282,9 +288,8 @@ def bench_train(configs: list[str], text: str | None, batch_size: int, steps: in
             model.calibrate_threshold(ids, modality)
         batches = [batch() for _ in range(4)]
         name = Path(path).name
-        say(f"{name}: {'compiling (torch.compile of the model) and ' if compile_model else ''}"
-            f"warming up {warmup} steps ...")  # fmt: skip
-        net = torch.compile(model) if compile_model else model
+        say(f"{name}: {f'compiling ({scope}) and ' if compile_model else ''}warming up {warmup} steps ...")
+        net = compile_for_training(model, scope) if compile_model else model
         params = [p for p in model.parameters() if p.requires_grad]
         prof = Path(profile_dir) / f"{Path(name).stem}.txt" if profile_dir else None
         seconds, mean_patch, warm_s = _time_training(net, params, batches, model.config.pad_id, steps, warmup,
@@ -296,7 +301,7 @@ def bench_train(configs: list[str], text: str | None, batch_size: int, steps: in
             "params": model.num_params(), "seq_len": seq_len, "batch_size": batch_size,
             "ms_per_step": 1000 * seconds / steps, "bytes_per_s": bytes_per_s, "flops_per_byte": flops,
             "mfu": flops * bytes_per_s / peak if peak else None, "mean_patch_len": mean_patch,
-            "compiled": compile_model, "warmup_s": warm_s, "peer": None,
+            "compiled": scope or False, "warmup_s": warm_s, "peer": None,
         }  # fmt: skip
         del net, batches[1:]
         if peers and model.backbone in PEER_MODULES:
@@ -351,9 +356,13 @@ def print_train_row(r: dict, base: float) -> None:
     patch = f"{r['mean_patch_len']:.2f}" if r["mean_patch_len"] else "-"
     vs_peer = r.get("ours_vs_peer")
     ratio = f"{vs_peer:.2f}x" if vs_peer is not None else "-"
-    print(f"{r['name']:<40} {r['params'] / 1e6:>7.1f}M {r['seq_len']:>6} {'yes' if r['compiled'] else 'no':>8} "
+    print(f"{r['name']:<40} {r['params'] / 1e6:>7.1f}M {r['seq_len']:>6} {_compiled_label(r['compiled']):>8} "
           f"{r['warmup_s']:>7.1f} {r['ms_per_step']:>8.1f} {r['bytes_per_s']:>12,.0f} {mfu:>6} {patch:>6} "
           f"{r['bytes_per_s'] / base:>7.2f}x {ratio:>9}", flush=True)  # fmt: skip
+
+
+def _compiled_label(compiled: bool | str) -> str:
+    return compiled if isinstance(compiled, str) else ("model" if compiled else "no")
 
 
 def print_train(results: list[dict]) -> None:
@@ -624,7 +633,11 @@ def main(argv: list[str] | None = None) -> int:
         sources = args.data or synthetic_shards(Path(tmp))
         label = " ".join(args.data) if args.data else "synthetic text/image/audio"
         print(f"data: {label}; seq_len {args.seq_len}, batch {args.batch_size}, {args.workers} workers")
-        r = bench_data(sources, args.seq_len, args.batch_size, args.workers, args.batches, args.shuffle_buffer)
+        try:
+            r = bench_data(sources, args.seq_len, args.batch_size, args.workers, args.batches, args.shuffle_buffer)
+        except ValueError as e:  # e.g. a sample longer than --seq-len: one line, not a traceback
+            print(f"polybyte bench: {e}", file=sys.stderr)
+            return 2
     mix = ", ".join(f"{k} {v:.0%}" for k, v in r["rows"].items())
     print(f"first batch after {r['first_batch_s']:.2f} s (worker start, shuffle buffers)")
     print(

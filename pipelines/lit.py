@@ -33,6 +33,7 @@ from polybyte.models import ByteLM, build_model, config_to_dict
 from polybyte.models.base import nll_loss
 
 from .checkpoints import TMP, check_ckpt_file, commit, prepare, refuse_other_run, sibling
+from .compiling import CompileScope, compile_for_training, compile_scope
 from .data import SKIP_REASONS, BPBMeter, ByteDataModule, skip_summary
 from .export import load_exported, save_exported
 
@@ -96,7 +97,9 @@ class ByteLMModule(L.LightningModule):
         warmup_steps: linear warm-up from 0 to ``lr``.
         max_steps: length of the cosine decay; -1 takes the trainer's ``max_steps``.
         min_lr_ratio: cosine floor as a fraction of ``lr``.
-        compile: ``torch.compile`` the model (not this module) at fit start.
+        compile: ``torch.compile`` the model (not this module) at fit start: ``true`` or
+            ``"blocks"`` compiles each repeated layer (fast warm-up), ``"model"`` the whole
+            forward as one graph (see pipelines/compiling.py).
         entropy_model: BLT only: a folder (or .safetensors file) exported by an entropy-model run,
             loaded into the BLT's frozen entropy model.
         max_nonfinite_steps: a step whose loss or gradients are NaN/Inf is skipped (no update) and
@@ -112,12 +115,13 @@ class ByteLMModule(L.LightningModule):
         warmup_steps: int = 100,
         max_steps: int = -1,
         min_lr_ratio: float = 0.1,
-        compile: bool = False,
+        compile: bool | CompileScope = False,
         entropy_model: str | None = None,
         max_nonfinite_steps: int = 5,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        compile_scope(compile)  # a bad value fails here, not at the first step
         check_model_dict(model)
         self.model: ByteLM = build_model(dict(model))
         if entropy_model:
@@ -170,7 +174,7 @@ class ByteLMModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.hparams.compile and self._compiled is None:
             # kept out of the module tree: a registered copy would store every weight twice
-            self.__dict__["_compiled"] = torch.compile(self.model)
+            self.__dict__["_compiled"] = compile_for_training(self.model, self.hparams.compile)
 
     def forward(self, ids: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
         return self.net(ids, modality)

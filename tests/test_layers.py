@@ -67,9 +67,30 @@ def test_flexattention_reads_mask_mods_like_the_fallback(name, mask_mod, Tq, Tk,
     assert (flex - L.masked_attention(q, k, v, mask_mod, backend="sdpa")).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("Dh", [4, 8])
+def test_flexattention_with_heads_under_16_is_padded_exactly(Dh, monkeypatch):
+    """FlexAttention's fused kernels need head dims >= 16: smaller heads are zero-padded with the
+    scale of the true head dim, which must equal the dense path (and call flex with 16 columns)."""
+    q, k, v = qkv(Dh=Dh)
+    seen = []
+    real = L._eager_flex()
+
+    def spy(q, k, v, **kw):
+        seen.append(q.shape[-1])
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(L, "_eager_flex", lambda: spy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        flex = L.masked_attention(q, k, v, L.sliding_window_mask(4), backend="flex")
+    assert seen == [L.FLEX_MIN_HEAD_DIM] and flex.shape == q.shape
+    assert (flex - L.masked_attention(q, k, v, L.sliding_window_mask(4), backend="sdpa")).abs().max() < 1e-5
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("Dh", [64, 8])
 @pytest.mark.parametrize("name", ["window", "document", "cross"])
-def test_compiled_flex_matches_fallback_on_cuda(name):
+def test_compiled_flex_matches_fallback_on_cuda(name, Dh):
     T, dev = 512, "cuda"  # several 128-blocks, so block sparsity is exercised
     docs = torch.stack([torch.arange(T) // 50, torch.arange(T) // 130]).to(dev)
     mask_mod, Tq = {
@@ -77,7 +98,7 @@ def test_compiled_flex_matches_fallback_on_cuda(name):
         "document": (L.document_causal_mask(docs), T),
         "cross": (lambda b, h, qi, ki: ki // 16 == qi, T // 16),
     }[name]
-    q, k, v = (t.to(dev).requires_grad_() for t in qkv(Tq=Tq, Tk=T, Dh=64))
+    q, k, v = (t.to(dev).requires_grad_() for t in qkv(Tq=Tq, Tk=T, Dh=Dh))
     flex = L.masked_attention(q, k, v, mask_mod, backend="flex")
     dense = L.masked_attention(q, k, v, mask_mod, backend="sdpa")
     assert (flex - dense).abs().max() < 1e-3  # TF32 / kernel ordering differences only
