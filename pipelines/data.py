@@ -489,11 +489,6 @@ class SkipCounter:
                 "Rebuild or remove the bad shards, or raise max_skip_fraction."
             )
 
-    def handler(self, exn: Exception) -> bool:
-        """webdataset error handler: count an unreadable shard/member and continue."""
-        self.skip(f"{type(exn).__name__}: {_error_text(exn)}", reason="shard_error")
-        return True
-
 
 def skip_summary(by_reason: Mapping[str, int]) -> str:
     """``{"missing": 3, "over_limit": 1, ...}`` -> ``"3 missing, 1 over_limit"`` (zeros left out)."""
