@@ -118,7 +118,7 @@ def evaluate(
             source.settings = {**base, **source.settings}  # explicit settings still win
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    report: dict = {"checkpoint": str(ckpt), "backbone": info["model"]["backbone"], "seq_len": seq_len,
+    report: dict = {"checkpoint": str(ckpt), "step": info.get("step"), "backbone": info["model"]["backbone"], "seq_len": seq_len,
                     "stride": stride, "params": model.num_params(), "modalities": {},
                     "skipped": {"total": 0, **dict.fromkeys(SKIP_REASONS, 0)}}  # fmt: skip
     excerpt = None  # a text excerpt for BLT's patch plot
@@ -216,7 +216,7 @@ def _check_settings(source: Source, settings: dict, trained: dict | None) -> Non
 
 def markdown_report(report: dict) -> str:
     lines = [f"# polybyte eval — {report['backbone']}", "",
-             f"checkpoint `{report['checkpoint']}`, {report['params'] / 1e6:.2f}M parameters, "
+             f"checkpoint `{report['checkpoint']}` (step {report.get('step', '?')}), {report['params'] / 1e6:.2f}M parameters, "
              f"seq_len {report['seq_len']}, stride {report['stride']}", "",
              f"Skipped: {_skipped_line(report.get('skipped') or {})}.", ""]  # fmt: skip
     for name, e in report["modalities"].items():

@@ -48,7 +48,7 @@ def ckpt(tmp_path_factory, settings) -> Path:
     cfg = yaml.safe_load((REPO / "configs" / "debug.yaml").read_text())["model"]["model"]
     torch.manual_seed(0)
     model = build_model(dict(cfg, init_std=0.3))
-    return save_exported(tmp_path_factory.mktemp("ckpt") / "last", model, settings, {"step": 0, "seq_len": SEQ_LEN})
+    return save_exported(tmp_path_factory.mktemp("ckpt") / "last", model, settings, {"step": 7, "seq_len": SEQ_LEN})
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +100,8 @@ def test_report_json_numbers_match_manual_computation(report, ckpt, demo_shards,
     _, result = report
     model, info = load_exported(ckpt)
     assert result["seq_len"] == SEQ_LEN == info["seq_len"] and result["stride"] == SEQ_LEN
+    assert result["step"] == 7 == info["step"]  # the report says which weights it scored
+    assert "(step 7)" in (report[0] / "report.md").read_text()
     assert set(result["modalities"]) == {"text", "image", "audio"}
     for modality, entry in result["modalities"].items():
         payloads = val_payloads_by_hand(demo_shards[modality], settings[modality], MAX_SAMPLES)
