@@ -136,7 +136,11 @@ class ByteLMModule(L.LightningModule):
         self._peak_flops: float | None = None
         self._compiled = None
         self._last_loss: torch.Tensor | None = None  # this step's loss, checked before the update
-        self.nonfinite_steps, self._nonfinite_run = 0, 0  # skipped steps: in all, and in a row
+        self._grad_norm: torch.Tensor | None = None  # this step's gradient norm, reused by clipping
+        # skipped (non-finite) steps: device counts since start or resume (in all, in a row), the
+        # count restored from a checkpoint, and the total as last read back
+        self._bad_total, self._bad_run = 0, 0
+        self._nonfinite_base = self.nonfinite_steps = 0
 
     # --- helpers ------------------------------------------------------------------------------
     def _load_entropy_model(self, path: str) -> None:
@@ -332,41 +336,49 @@ class ByteLMModule(L.LightningModule):
 
     # --- optimisation -------------------------------------------------------------------------
     def on_before_optimizer_step(self, optimizer) -> None:
-        """Skip the update of a step whose loss or gradients are not finite (its gradients are
-        dropped, so AdamW leaves weights and moments alone) and count it; stop after
-        ``max_nonfinite_steps`` in a row. The check reads one flag back per step, after the
-        backward pass is queued; every rank takes the same decision. Under fp16's grad scaler
-        only the loss counts: the scaler skips steps with overflowing gradients itself."""
+        """Skip the update of a step whose loss or gradients are not finite, count it, and stop
+        after ``max_nonfinite_steps`` in a row — without a host sync per step: the decision stays
+        on the device (fused AdamW's ``found_inf`` flag leaves weights, moments and step count
+        alone, as it does for a grad scaler), and the counts are read back on logging steps only,
+        so a run of bad steps is noticed at the next logging step (their updates are skipped
+        meanwhile). The gradient norm computed here is the one clipping uses. Under DDP the
+        gradients are already averaged, so every rank reaches the same decision. Under fp16's
+        grad scaler only the loss counts: the scaler skips steps with overflowing gradients."""
         plugin = self.trainer.precision_plugin
         scaled = isinstance(plugin, MixedPrecision) and plugin.scaler is not None
-        finite = torch.isfinite(self._last_loss)
+        bad = ~torch.isfinite(self._last_loss)
+        self._grad_norm = None
         if not scaled:
             grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-            finite &= torch.isfinite(torch.nn.utils.get_total_norm(grads))
-        finite = self.trainer.strategy.reduce_boolean_decision(bool(finite), all=True)
-        if finite:
-            self._nonfinite_run = 0
-        else:
-            if not scaled:
-                optimizer.zero_grad(set_to_none=True)
-            self.nonfinite_steps, self._nonfinite_run = self.nonfinite_steps + 1, self._nonfinite_run + 1
-        self.log("train/nonfinite_steps", float(self.nonfinite_steps))
+            self._grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+            bad |= ~torch.isfinite(self._grad_norm)
+            optimizer.found_inf = bad.float()  # fused AdamW skips the whole update when it is 1
+        self._bad_total = self._bad_total + bad.long()
+        self._bad_run = (self._bad_run + 1) * bad.long()  # bad steps in a row, 0 after a good one
+        if self._is_log_step():
+            self._check_nonfinite()
+
+    def _check_nonfinite(self) -> None:
+        """Read the device counts back (one sync), log them, stop when the run is too long."""
+        run = int(self.trainer.strategy.reduce(self._bad_run.float(), reduce_op="max"))
+        self.nonfinite_steps = self._nonfinite_base + int(self._bad_total)
+        for logger in self.loggers:
+            logger.log_metrics({"train/nonfinite_steps": float(self.nonfinite_steps)}, step=self.global_step)
         limit = self.hparams.max_nonfinite_steps
-        if self._nonfinite_run >= limit:
-            # straight to the loggers: the run ends before Lightning writes this step's metrics
-            for logger in self.loggers:
-                logger.log_metrics({"train/nonfinite_steps": float(self.nonfinite_steps)}, step=self.global_step)
+        if run >= limit:
             raise NonFiniteLossError(
-                f"loss or gradients were NaN/Inf for {limit} steps in a row (up to step {self.global_step}, "
-                f"{self.nonfinite_steps} skipped in all); the weights were not updated by them and the last "
-                f"checkpoint holds the last good weights. Lower model.lr or raise trainer.gradient_clip_val"
+                f"loss or gradients were NaN/Inf for {limit} steps in a row (max_nonfinite_steps; {run} by step "
+                f"{self.global_step}, {self.nonfinite_steps} skipped in all); the weights were not updated by them "
+                f"and the last checkpoint holds the last good weights. Lower model.lr or raise trainer.gradient_clip_val"
             )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.nonfinite_steps = self._nonfinite_base + int(self._bad_total)
         checkpoint["nonfinite_steps"] = self.nonfinite_steps
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.nonfinite_steps = checkpoint.get("nonfinite_steps", 0)
+        self.nonfinite_steps = self._nonfinite_base = checkpoint.get("nonfinite_steps", 0)
+        self._bad_total, self._bad_run = 0, 0
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -376,11 +388,11 @@ class ByteLMModule(L.LightningModule):
             if p.requires_grad:
                 (keep if no_decay(name, p, module_types) else decay).append(p)
         groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": keep, "weight_decay": 0.0}]
-        # Fused AdamW (one kernel for the whole update) on CUDA unless fp16 needs a grad scaler;
+        # Fused AdamW (one kernel for the whole update, CUDA and CPU) unless fp16 needs a grad
+        # scaler; its found_inf flag skips non-finite steps on the device (on_before_optimizer_step).
         # Lightning refuses to clip a fused optimizer's gradients, so configure_gradient_clipping
         # clips them itself (bf16 and fp32 gradients are never scaled).
-        cuda = next(self.model.parameters()).is_cuda
-        self._fused = cuda and str(getattr(self.trainer, "precision", "")) not in ("16-mixed", "16")
+        self._fused = str(getattr(self.trainer, "precision", "")) not in ("16-mixed", "16")
         opt = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), **({"fused": True} if self._fused else {"foreach": True}))
         total = hp.max_steps if hp.max_steps > 0 else max(int(self.trainer.max_steps), 1)
         warm = max(int(hp.warmup_steps), 0)
@@ -401,6 +413,8 @@ class ByteLMModule(L.LightningModule):
         params = [p for group in optimizer.param_groups for p in group["params"]]
         if gradient_clip_algorithm == "value":
             torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        elif self._grad_norm is not None:  # the norm on_before_optimizer_step computed
+            torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, self._grad_norm, foreach=True)
         else:
             torch.nn.utils.clip_grad_norm_(params, gradient_clip_val, foreach=True)
 

@@ -61,6 +61,9 @@ def test_diverged_fit_counts_skipped_steps_and_keeps_finite_checkpoint(diverged)
     last = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=True)
     assert finite(last["state_dict"])
     assert last["nonfinite_steps"] <= counted[-1][1]
+    # skipped on the device: AdamW's step count (and moments) advanced only on the good steps
+    adam_steps = {float(st["step"]) for st in last["optimizer_states"][0]["state"].values()}
+    assert adam_steps == {float(last["global_step"] - last["nonfinite_steps"])}
     assert finite(load_file(ckpts / "last" / WEIGHTS))
     load_exported(ckpts / "last")  # loads: finite
 
