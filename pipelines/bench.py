@@ -35,7 +35,8 @@ import numpy as np
 import torch
 
 from polybyte.modalities import NUM_BYTES, TAG_NAMES
-from polybyte.pipelines.data import ByteDataModule
+
+from .runtime import compile_decoding, default_device, device_peak_flops, prepare_for_sampling
 
 # smallest multiple of 256 that holds a 64x64 RGB image (12,288 bytes) plus EOS
 DEFAULT_SEQ_LEN = 12544
@@ -78,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--modality", default="image", choices=["text", "image", "audio"], help="tag to sample under")
     g.add_argument("--sample-bytes", type=int, default=12288, help="bytes per row, cached (default: one 64x64 image)")
     g.add_argument("--uncached-bytes", type=int, default=512,
-                   help="bytes per row timed for the uncached baseline and the like-for-like ratio (default %(default)s)")
+                   help="bytes per row timed for the uncached baseline and the like-for-like ratio "
+                        "(default %(default)s)")
     g.add_argument("--sample-batch-size", type=int, default=16, help="rows sampled together (default %(default)s)")
     g.add_argument("--fp32", action="store_true", help="fp32 weights on GPU (default: bf16, as polybyte sample)")
     g.add_argument("--no-compile", dest="sample_compile", action="store_false",
@@ -232,12 +234,12 @@ def _time_training(net, params, batches, pad_id: int, steps: int, warmup: int, c
         key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
         profile.parent.mkdir(parents=True, exist_ok=True)
         profile.write_text(prof.key_averages().table(sort_by=key, row_limit=45, max_name_column_width=70))
-    del opt
     return seconds, mean_patch, warm_s
 
 
 def bench_train(configs: list[str], text: str | None, batch_size: int, steps: int, warmup: int,
-                compile_model: bool | str, peers: bool = False, report=None, profile_dir: str | None = None) -> list[dict]:  # fmt: skip
+                compile_model: bool | str, peers: bool = False, report=None,
+                profile_dir: str | None = None) -> list[dict]:  # fmt: skip
     """Time training steps of each config (and with ``peers``, the peer implementation of each
     MEGABYTE / BLT config at its shapes, right after it); returns one result dict per row.
     ``compile_model``: a ``compile`` setting of polybyte fit (False, True, "blocks", "model");
@@ -246,9 +248,8 @@ def bench_train(configs: list[str], text: str | None, batch_size: int, steps: in
     torch.profiler operator table per row there (``NAME.txt``)."""
     from polybyte.models import build_model
     from polybyte.pipelines.compiling import compile_for_training, compile_scope
-    from polybyte.pipelines.lit import device_peak_flops
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     cuda = device.type == "cuda"
     corpus = np.frombuffer(Path(text).read_bytes(), dtype=np.uint8) if text else None
     peak = device_peak_flops(device)
@@ -273,7 +274,7 @@ def bench_train(configs: list[str], text: str | None, batch_size: int, steps: in
         seq_len = model.config.max_seq_len
         rng = np.random.default_rng(0)
 
-        def batch():
+        def batch(rng=rng, seq_len=seq_len):
             if corpus is None:
                 ids = rng.integers(0, 256, size=(batch_size, seq_len))
             else:
@@ -417,14 +418,13 @@ def bench_sample(spec: str, modality: str = "image", batch_size: int = 16, max_b
     """
     from polybyte.modalities import TAGS
     from polybyte.models.generate import generate
-    from polybyte.pipelines.sample import compile_decoding, prepare_model
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     cuda = device.type == "cuda"
     bf16 = cuda if bf16 is None else bf16
     compile = cuda if compile is None else compile
     model, random_weights = _sample_model(spec, device)
-    model = prepare_model(model, device, "bf16" if bf16 else "fp32", compile=False)
+    model = prepare_for_sampling(model, device, "bf16" if bf16 else "fp32", compile=False)
     tag = TAGS[modality]
     if model.backbone == "megabyte":
         max_bytes = min(max_bytes, model.config.max_seq_len)
@@ -529,6 +529,8 @@ def bench_data(
     filling the shuffle buffers). Returns the measurements; bytes are grid ids (``B*seq_len``
     per batch), payload bytes only the ids 0..255. Runs torch single-threaded, as in a worker:
     on a busy CPU its thread pool makes the small collate/count ops measured here 100x slower."""
+    from polybyte.pipelines.data import ByteDataModule  # imports Lightning: only --what data needs it
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -626,9 +628,6 @@ def main(argv: list[str] | None = None) -> int:
 
             Path(args.json).write_text(json.dumps(results, indent=2))
         return 0
-    if args.what != "data":
-        print(f"polybyte bench: --what {args.what} is not implemented yet; use --what train or data", file=sys.stderr)
-        return 2
     with tempfile.TemporaryDirectory(prefix="polybyte-bench-") as tmp:
         sources = args.data or synthetic_shards(Path(tmp))
         label = " ".join(args.data) if args.data else "synthetic text/image/audio"

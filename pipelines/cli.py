@@ -64,7 +64,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         module = importlib.import_module(f"polybyte.pipelines.{COMMANDS[command][0]}")
-        result = module.main(None if argv_is_sys else [command, *rest]) if command in {"fit", "validate"} else module.main(rest)
+        if command in {"fit", "validate"}:  # LightningCLI reads sys.argv itself when given None
+            result = module.main(None if argv_is_sys else [command, *rest])
+        else:
+            result = module.main(rest)
     except AudioStackError as e:  # a broken install: one line, not a traceback
         print(f"polybyte {command}: error: {e}", file=sys.stderr)
         return 2

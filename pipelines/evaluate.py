@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -23,15 +22,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from polybyte.modalities import NUM_BYTES, PAD, RESOURCE_LIMITS, TAGS
+from polybyte.modalities import RESOURCE_LIMITS, TAGS
 
-from .data import (
-    SKIP_REASONS, BPBMeter, SkipCounter, Source, _parse_specs, decode_payloads, read_shards, resolve_sources,
-    sample_stream, skip_summary, stream_windows,
-)  # fmt: skip
+from .bpb import BPBMeter
 from .export import load_exported
-
-LN2 = math.log(2.0)
+from .runtime import default_device
+from .sources import (
+    SKIP_REASONS,
+    SkipCounter,
+    Source,
+    decode_payloads,
+    parse_specs,
+    read_shards,
+    resolve_sources,
+    skip_summary,
+)
+from .windows import sample_stream, stream_windows
 
 
 def read_val(source: Source) -> tuple[list[bytes], SkipCounter]:
@@ -39,7 +45,9 @@ def read_val(source: Source) -> tuple[list[bytes], SkipCounter]:
     samples lost on the way (by reason; manifest shortfalls included)."""
     if not source.val:
         hint = f", or name the shards to score: {source.name}='{source.train[-1]}'" if source.train else ""
-        raise ValueError(f"source {source.name!r} has no val shards (val-*.tar); shard it with --val-fraction > 0{hint}")
+        raise ValueError(
+            f"source {source.name!r} has no val shards (val-*.tar); shard it with --val-fraction > 0{hint}"
+        )
     counter = SkipCounter(max_fraction=0.5, min_seen=10)
     samples = read_shards(source.val, counter, source.expected, source.val_total)
     payloads = list(decode_payloads(samples, source, counter))
@@ -69,11 +77,7 @@ def score(model, streams: list[tuple[np.ndarray, int]], seq_len: int, stride: in
         scored = torch.from_numpy(np.stack([r[1] for r in chunk])).to(device)  # [B, T] bool
         modality = torch.tensor([r[2] for r in chunk], device=device)
         _, nll = model.loss(ids, modality)
-        nll = torch.where(scored, nll.float(), 0.0)
-        # ids outside the scored region are hidden from the payload mask by marking them PAD
-        masked_ids = torch.where(scored, ids, torch.full_like(ids, PAD))
-        meter.update(nll, masked_ids, modality)
-        bits = (torch.where(masked_ids < NUM_BYTES, nll.double(), 0.0).sum(1) / LN2).tolist()
+        bits = meter.update(nll, ids, modality, scored=scored).tolist()  # payload targets in `scored` only
         for r, b in zip(chunk, bits):
             per_sample_bits[r[3]] += b
     return {"meter": meter, "per_sample_bits": per_sample_bits, "windows": len(rows)}
@@ -98,7 +102,7 @@ def evaluate(
     override the settings a source is read with. A source without a manifest (a third-party
     webdataset) is read with the settings the checkpoint was trained with for its modality.
     """
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(device)
     model, info = load_exported(ckpt, device)
     if seq_len is None:
         seq_len = info.get("seq_len") or model.config.max_seq_len
@@ -110,7 +114,7 @@ def evaluate(
         raise ValueError(f"--stride must be in 1..seq_len={seq_len}, got {stride}")
     trained = info.get("modalities", {})
     sources = resolve_sources(data, adapter_settings=_settings_arg(adapter_settings))
-    for (_, loc), source in zip(_parse_specs(data), sources):
+    for (_, loc), source in zip(parse_specs(data), sources):
         if not source.val and not Path(loc).expanduser().is_dir():
             source.val = list(source.train)  # a glob or brace pattern names the shards to score
         if not source.manifest and source.modality in trained:
@@ -118,8 +122,8 @@ def evaluate(
             source.settings = {**base, **source.settings}  # explicit settings still win
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    report: dict = {"checkpoint": str(ckpt), "step": info.get("step"), "backbone": info["model"]["backbone"], "seq_len": seq_len,
-                    "stride": stride, "params": model.num_params(), "modalities": {},
+    report: dict = {"checkpoint": str(ckpt), "step": info.get("step"), "backbone": info["model"]["backbone"],
+                    "seq_len": seq_len, "stride": stride, "params": model.num_params(), "modalities": {},
                     "skipped": {"total": 0, **dict.fromkeys(SKIP_REASONS, 0)}}  # fmt: skip
     excerpt = None  # a text excerpt for BLT's patch plot
     for source in sources:
@@ -216,7 +220,8 @@ def _check_settings(source: Source, settings: dict, trained: dict | None) -> Non
 
 def markdown_report(report: dict) -> str:
     lines = [f"# polybyte eval — {report['backbone']}", "",
-             f"checkpoint `{report['checkpoint']}` (step {report.get('step', '?')}), {report['params'] / 1e6:.2f}M parameters, "
+             f"checkpoint `{report['checkpoint']}` (step {report.get('step', '?')}), "
+             f"{report['params'] / 1e6:.2f}M parameters, "
              f"seq_len {report['seq_len']}, stride {report['stride']}", "",
              f"Skipped: {_skipped_line(report.get('skipped') or {})}.", ""]  # fmt: skip
     for name, e in report["modalities"].items():
@@ -286,7 +291,8 @@ def plot_patches(model, text: bytes, path: Path, device) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="polybyte eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, help="checkpoint folder (or .ckpt) written by `polybyte fit`")
-    p.add_argument("--data", nargs="+", required=True, metavar="MODALITY=DIR", help="shard folders, e.g. text=shards/text")
+    p.add_argument("--data", nargs="+", required=True, metavar="MODALITY=DIR",
+                   help="shard folders, e.g. text=shards/text")
     p.add_argument("--out", required=True, help="report folder")
     p.add_argument("--codecs", action="store_true", help="also compress the same samples with classic codecs")
     p.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: seq_len)")
@@ -296,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--adapter-settings", default=None, metavar="JSON",
                    help="adapter settings per source name, as data.adapter_settings, e.g. "
-                        "'{\"image\": {\"size\": 32}}' (default: the manifest's; without one, the checkpoint's)")  # fmt: skip
+                        "'{\"image\": {\"size\": 32}}' (default: the manifest's; without one, the "
+                        "checkpoint's)")  # fmt: skip
     args = p.parse_args(argv)
     try:
         evaluate(args.ckpt, args.data, args.out, codecs=args.codecs, stride=args.stride, seq_len=args.seq_len,

@@ -102,7 +102,9 @@ def check_same_step(ckpt: Path, config: Path, info: dict[str, Any]) -> None:
     """Refuse a ``.ckpt`` whose export records another step: a save interrupted between the two
     (the export is written first), or files copied together from different saves."""
     if not ckpt.exists():
-        raise FileNotFoundError(f"{ckpt}: no such checkpoint file (its export {config.parent} exists: pass that folder)")
+        raise FileNotFoundError(
+            f"{ckpt}: no such checkpoint file (its export {config.parent} exists: pass that folder)"
+        )
     step, exported = ckpt_step(ckpt), info.get("step")
     if exported is None:
         raise ValueError(f"{config} records no training step, so it cannot be matched with {ckpt}; "

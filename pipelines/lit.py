@@ -32,20 +32,13 @@ from polybyte.modalities import TAG_NAMES
 from polybyte.models import ByteLM, build_model, config_to_dict
 from polybyte.models.base import nll_loss
 
+from .bpb import BPBMeter
 from .checkpoints import TMP, check_ckpt_file, commit, prepare, refuse_other_run, sibling
 from .compiling import CompileScope, compile_for_training, compile_scope
-from .data import SKIP_REASONS, BPBMeter, ByteDataModule, skip_summary
+from .data import ByteDataModule
 from .export import load_exported, save_exported
-
-# Dense bf16 tensor-core peaks (datasheet, FLOP/s) used for MFU; unknown devices log no MFU.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
-
-
-def device_peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+from .runtime import device_peak_flops
+from .sources import SKIP_REASONS, skip_summary
 
 
 def no_decay(name: str, param: torch.nn.Parameter, module_types: dict[str, type]) -> bool:
@@ -77,7 +70,8 @@ def check_model_dict(model: Any) -> None:
         owner = f"backbone {name!r}" if name else "any backbone"
         raise ValueError(f"model.model: unknown key {', '.join(hints)}: not a field of {owner}"
                          + ("" if name else "; a dict given on the command line replaces the config's whole "
-                            "model.model, so give its backbone too, or set one field with --model.model.KEY VALUE"))  # fmt: skip
+                            "model.model, so give its backbone too, or set one field with "
+                            "--model.model.KEY VALUE"))  # fmt: skip
     if name is None:
         raise ValueError(
             f"model.model names no backbone (keys given: {sorted(model)}): a dict given on the command line "
@@ -295,7 +289,8 @@ class ByteLMModule(L.LightningModule):
         lost = skips or {}
         shards = "; ".join(f"{m}: {len(expected[m].val)} val shards, e.g. {expected[m].val[0]}" for m in empty)
         message = (f"validation scored no {' or '.join(empty)} sample although the data has val shards ({shards}); "
-                   f"{sum(lost.values())} val samples were skipped ({skip_summary(lost)}), reasons in the warnings above")  # fmt: skip
+                   f"{sum(lost.values())} val samples were skipped ({skip_summary(lost)}), "
+                   f"reasons in the warnings above")  # fmt: skip
         if self.trainer.state.fn == "validate":
             raise ValueError(message)
         if self.trainer.is_global_zero:
@@ -321,7 +316,8 @@ class ByteLMModule(L.LightningModule):
                 self.log(f"val/bpb_{TAG_NAMES[tag]}", bits / count, sync_dist=False, rank_zero_only=False)
         skips = self._val_skips()
         if skips is not None:
-            values = {"val/skipped": float(sum(skips.values())), **{f"val/skipped_{r}": float(n) for r, n in skips.items()}}
+            values = {"val/skipped": float(sum(skips.values()))}
+            values.update({f"val/skipped_{r}": float(n) for r, n in skips.items()})
             for key, value in values.items():
                 self.log(key, value, sync_dist=False, rank_zero_only=False)
         try:
@@ -369,7 +365,8 @@ class ByteLMModule(L.LightningModule):
             raise NonFiniteLossError(
                 f"loss or gradients were NaN/Inf for {limit} steps in a row (max_nonfinite_steps; {run} by step "
                 f"{self.global_step}, {self.nonfinite_steps} skipped in all); the weights were not updated by them "
-                f"and the last checkpoint holds the last good weights. Lower model.lr or raise trainer.gradient_clip_val"
+                f"and the last checkpoint holds the last good weights. Lower model.lr or raise "
+                f"trainer.gradient_clip_val"
             )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -393,7 +390,8 @@ class ByteLMModule(L.LightningModule):
         # Lightning refuses to clip a fused optimizer's gradients, so configure_gradient_clipping
         # clips them itself (bf16 and fp32 gradients are never scaled).
         self._fused = str(getattr(self.trainer, "precision", "")) not in ("16-mixed", "16")
-        opt = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), **({"fused": True} if self._fused else {"foreach": True}))
+        kernel = {"fused": True} if self._fused else {"foreach": True}
+        opt = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), **kernel)
         total = hp.max_steps if hp.max_steps > 0 else max(int(self.trainer.max_steps), 1)
         warm = max(int(hp.warmup_steps), 0)
 
@@ -427,9 +425,8 @@ class NonFiniteWeightsError(ValueError):
     """A checkpoint was about to be written with NaN/Inf weights."""
 
 
-# Signals that stop a fit with a resumable `last` checkpoint, and the signal that did (exit 128+signum).
+# Signals that stop a fit with a resumable `last` checkpoint (exit status 128 + signum).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
-received_stop_signal: int | None = None
 
 
 class ExportCheckpoint(ModelCheckpoint):
@@ -440,8 +437,11 @@ class ExportCheckpoint(ModelCheckpoint):
     which ends the run after the current batch with ``SIGTERMException``. Without ``dirpath`` it
     writes to ``trainer.default_root_dir/checkpoints`` (Lightning's own default is under the
     first logger's version folder). Each save writes the export, then the ``.ckpt``, each under a
-    temporary name renamed into place.
+    temporary name renamed into place. ``received_signal`` is the stop signal that came during
+    the current fit (None if none did): `main` exits with 128 + it.
     """
+
+    received_signal: int | None = None
 
     def _default_dirpath(self, trainer: L.Trainer) -> None:
         if self.dirpath is None:
@@ -459,14 +459,12 @@ class ExportCheckpoint(ModelCheckpoint):
         """Route SIGINT and SIGUSR1 to the SIGTERM handler Lightning installed for this run,
         noting which signal came. SIGUSR1 is left alone when something (Lightning's SLURM requeue)
         already handles it; Lightning restores every handler when the run ends."""
-        global received_stop_signal
         super().on_train_start(trainer, pl_module)
-        received_stop_signal = None
+        self.received_signal = None
         lightning_sigterm = signal.getsignal(signal.SIGTERM)
 
         def stop(signum, frame) -> None:
-            global received_stop_signal
-            received_stop_signal = received_stop_signal or signum
+            self.received_signal = self.received_signal or signum
             if callable(lightning_sigterm):
                 lightning_sigterm(signum, frame)
 
@@ -476,7 +474,8 @@ class ExportCheckpoint(ModelCheckpoint):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         """On a stop signal, save ``last`` at the step reached (unless it was just saved)."""
-        if isinstance(exception, SIGTERMException) and self.save_last and not self._should_skip_saving_checkpoint(trainer):
+        stopped = isinstance(exception, SIGTERMException)
+        if stopped and self.save_last and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         super().on_exception(trainer, pl_module, exception)
 
@@ -534,8 +533,11 @@ class PolybyteCLI(LightningCLI):
       ``--trainer.limit_val_batches`` is given on the command line.
     """
 
-    def __init__(self, *args, limit_validate: str | None = None, **kwargs) -> None:
+    def __init__(self, *args, limit_validate: str | None = None, trainers: list | None = None, **kwargs) -> None:
         self.limit_validate = limit_validate  # set before super().__init__ runs the subcommand
+        # the trainer is appended here as soon as it exists, so a caller reaches it (and its
+        # callbacks' state) even when the subcommand ends in an exception
+        self.trainers = [] if trainers is None else trainers
         super().__init__(*args, **kwargs)
 
     def _parse_ckpt_path(self) -> None:
@@ -558,6 +560,7 @@ class PolybyteCLI(LightningCLI):
         for callback in trainer.checkpoint_callbacks:
             if isinstance(callback, ExportCheckpoint):
                 callback._default_dirpath(trainer)
+        self.trainers.append(trainer)
         return trainer
 
     def before_fit(self) -> None:
@@ -628,7 +631,6 @@ def main(argv: list[str] | None = None) -> int:
     ...`` with exit status 2. A fit stopped by SIGTERM, SIGINT or SIGUSR1 saves ``last`` and exits
     with 128 + the signal's number (143, 130, 138).
     """
-    global received_stop_signal
     for key, value in MULTICAST_OFF.items():
         os.environ.setdefault(key, value)
     torch.set_float32_matmul_precision("high")
@@ -636,12 +638,14 @@ def main(argv: list[str] | None = None) -> int:
     command = args[:1] or ["fit"]
     if argv is not None:
         sys.argv = sys.argv[:1]  # LightningCLI warns when args= and sys.argv both carry arguments
+    trainers: list[L.Trainer] = []
     try:
         PolybyteCLI(
             ByteLMModule,
             ByteDataModule,
             args=argv,
             limit_validate=cli_value(args, "--trainer.limit_val_batches"),
+            trainers=trainers,
             save_config_kwargs={"overwrite": True},
             trainer_defaults={"precision": "bf16-mixed" if torch.cuda.is_available() else "32-true"},
         )
@@ -649,7 +653,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"polybyte {command[0]}: error: {e}", file=sys.stderr)
         return 2
     except SIGTERMException:
-        signum, received_stop_signal = received_stop_signal or signal.SIGTERM, None
+        signum = next((cb.received_signal for t in trainers for cb in t.callbacks
+                       if isinstance(cb, ExportCheckpoint) and cb.received_signal), signal.SIGTERM)  # fmt: skip
         print(f"polybyte {command[0]}: stopped by {signal.Signals(signum).name}; `last` checkpoint saved, "
               f"resume with --ckpt_path last", file=sys.stderr)  # fmt: skip
         return 128 + signum

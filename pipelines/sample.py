@@ -37,6 +37,9 @@ import torch
 from polybyte.modalities import TAGS, get_modality, modality_from_dict
 from polybyte.models.generate import generate
 
+# compile_decoding: also imported from here by tests of models/ (test_generate, test_blt_decoding)
+from .runtime import compile_decoding, default_device, prepare_for_sampling  # noqa: F401
+
 TEXT_MAX_BYTES = 512  # default text continuation length
 GRID_CELL = 64  # grid.png shows images smaller than this many pixels enlarged (nearest) to about it
 
@@ -90,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size is not None and args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     try:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = default_device(args.device)
     except RuntimeError as e:
         raise UsageError(f"--device {args.device}: {e}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -124,33 +127,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def prepare_model(model, device: torch.device, dtype: str, compile: bool):
-    """The model as sampling runs it: weights in ``dtype`` (bf16 | fp32) and, with ``compile``
-    on CUDA, its fixed-shape decoding steps compiled (``compile_decoding``)."""
-    model = model.to(torch.bfloat16 if dtype == "bf16" else torch.float32)
-    if compile and device.type == "cuda":
-        compile_decoding(model)
-    return model
-
-
-def compile_decoding(model) -> list[str]:
-    """torch.compile, in place, the methods in ``model.compilable_steps`` (one decoding step's
-    device work at fixed shapes; inside the CUDA graph of models/generate.py they become a few
-    fused kernels instead of hundreds). Compiled for static shapes: once per batch size, whatever
-    the sample length; ``model.growing_steps`` (shapes that follow a growing cache) once, with
-    dynamic shapes. Returns the names compiled."""
-    for name in model.compilable_steps:
-        dynamic = name in model.growing_steps
-        setattr(model, name, torch.compile(getattr(model, name), dynamic=dynamic, fullgraph=True))
-    return list(model.compilable_steps)
-
-
 def _sample(model, tag: int, prompt: bytes, new_bytes: int, args, device, dtype) -> list[list[int]]:
     """Sample args.num continuations of ``prompt`` with a progress bar; print bytes/s."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     batch = args.batch_size or args.num
-    model = prepare_model(model, device, dtype, args.compile)
+    model = prepare_for_sampling(model, device, dtype, args.compile)
     if model.compilable_steps and args.compile and device.type == "cuda":
         start = time.perf_counter()  # compile for each batch size used, outside the timing
         for n in {min(batch, args.num), args.num % batch} - {0}:

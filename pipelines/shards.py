@@ -43,8 +43,9 @@ from polybyte.modalities.audio import clip_waveform, to_int16
 from polybyte.modalities.image import read_npz_batch
 from polybyte.modalities.text import JSON_EXTENSIONS, json_texts, split_documents
 
+from .sources import MANIFEST
+
 SPLITS = ("train", "val")
-MANIFEST = "manifest.json"
 FIXED_MTIME = 946684800  # 2000-01-01 UTC in every tar header: output must not depend on run time
 DEFAULT_MAXCOUNT = 10_000  # samples per shard
 DEFAULT_MAXSIZE = 256 * 2**20  # member bytes per shard
@@ -395,45 +396,6 @@ def write_shards(
         json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
     )
     return manifest
-
-
-# --- reading back -----------------------------------------------------------------------------
-def read_manifest(out_dir: str | Path) -> dict:
-    """The manifest of a shard folder written by :func:`write_shards`."""
-    path = Path(out_dir) / MANIFEST
-    if not path.is_file():
-        raise ValueError(f"no {MANIFEST} in {out_dir}; is it a folder written by `polybyte shard`?")
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def shard_paths(out_dir: str | Path, split: str) -> list[Path]:
-    """The shard files of one split (``train``/``val``) as listed in the folder's manifest."""
-    names = read_manifest(out_dir)["splits"][split]["shards"]
-    return [Path(out_dir) / name for name in names]
-
-
-def iter_samples(
-    paths: Iterable[str | Path], modality: str | Modality
-) -> Iterator[tuple[str, bytes, dict]]:
-    """Yield ``(key, payload bytes, meta)`` for every sample of the given shard files, in order.
-
-    Members are read as raw bytes (no pickle decoding); the payload member is the first of the
-    adapter's extensions present, encoded by ``adapter.encode(member, meta)``.
-    """
-    adapter = modality if isinstance(modality, Modality) else get_modality(modality)
-    pipeline = wds.DataPipeline(
-        wds.SimpleShardList([str(p) for p in paths]), wds.tarfile_to_samples()
-    )
-    for sample in pipeline:
-        key = sample["__key__"]
-        meta = json.loads(sample["json"]) if "json" in sample else {}
-        ext = next((e for e in adapter.extensions if e[1:] in sample), None)
-        if ext is None:
-            raise ValueError(
-                f"sample {key!r} in {sample['__url__']} has no "
-                f"{'/'.join(adapter.extensions)} member"
-            )
-        yield key, adapter.encode(sample[ext[1:]], {**meta, "extension": ext}), meta
 
 
 # --- command line -----------------------------------------------------------------------------

@@ -14,10 +14,12 @@ import soundfile as sf
 import torch
 import webdataset as wds
 from PIL import Image
+from shard_reading import iter_samples, shard_paths
 
 from polybyte.modalities import AUDIO, EOS, IMAGE, NUM_BYTES, PAD, TEXT, get_modality
-from polybyte.pipelines.data import ByteDataModule, TooManyBadSamples
-from polybyte.pipelines.shards import iter_samples, shard_paths, write_shards
+from polybyte.pipelines.data import ByteDataModule
+from polybyte.pipelines.shards import write_shards
+from polybyte.pipelines.sources import TooManyBadSamples
 
 SEQ_LEN = 12296  # a 64x64 image (12,288 bytes) + EOS, rounded up to a multiple of 8
 

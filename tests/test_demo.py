@@ -17,10 +17,12 @@ from PIL import Image
 from polybyte.modalities import TAGS
 from polybyte.models import build_model
 from polybyte.pipelines import cli
-from polybyte.pipelines.data import ByteDataModule, resolve_sources, sample_stream
+from polybyte.pipelines.data import ByteDataModule
 from polybyte.pipelines.demo import DEMO_SETTINGS, DEMO_STEPS, demo_config, ensure_demo_shards, summary_lines
 from polybyte.pipelines.evaluate import score, val_payloads
 from polybyte.pipelines.lit import ByteLMModule
+from polybyte.pipelines.sources import resolve_sources
+from polybyte.pipelines.windows import sample_stream
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -82,14 +84,16 @@ def untrained_bpb(modality: str, folder) -> float:
     model = build_model(dict(shipped["model"]["model"])).eval()
     seq_len, tag = shipped["data"]["seq_len"], TAGS[modality]
     payloads = val_payloads(resolve_sources([f"{modality}={folder}"])[0])
-    meter = score(model, [(sample_stream(p, tag), tag) for p in payloads], seq_len, seq_len, 8, torch.device("cpu"))["meter"]
+    streams = [(sample_stream(p, tag), tag) for p in payloads]
+    meter = score(model, streams, seq_len, seq_len, 8, torch.device("cpu"))["meter"]
     return float(meter.bits.sum() / meter.count.sum())
 
 
 def test_reduced_demo_learns_end_to_end(demo_shards, tmp_path, capsys):
     out = tmp_path / "demo"
     # the time cap only guards users' machines; here the step count decides, however loaded CI is
-    assert cli.main(["demo", "--out", str(out), "--steps", str(REDUCED_STEPS), "--minutes", "60", "--samples", "2"]) == 0
+    argv = ["demo", "--out", str(out), "--steps", str(REDUCED_STEPS), "--minutes", "60", "--samples", "2"]
+    assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     summary = printed[printed.index("demo: done in") :]
     report = json.loads((out / "eval" / "report.json").read_text())

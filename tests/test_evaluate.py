@@ -20,13 +20,13 @@ import yaml
 from PIL import Image
 
 from polybyte.modalities import EOS, NUM_BYTES, PAD, TAGS, TEXT, get_modality
+from polybyte.modalities.audio import ENCODINGS
 from polybyte.models import build_model
 from polybyte.models.blt import blt_preset
-from polybyte.modalities.audio import ENCODINGS
 from polybyte.pipelines import cli
-from polybyte.pipelines.data import resolve_sources
 from polybyte.pipelines.evaluate import evaluate
 from polybyte.pipelines.export import load_exported, save_exported
+from polybyte.pipelines.sources import resolve_sources
 
 REPO = Path(__file__).resolve().parents[1]
 SEQ_LEN = 780  # debug.yaml: a 16x16 image + EOS, rounded up to a multiple of 12

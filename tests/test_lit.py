@@ -14,13 +14,13 @@ import sys
 import tarfile
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import yaml
+from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
-import lightning as L
-from lightning.pytorch.loggers import CSVLogger
 from polybyte.modalities import EOS, IMAGE, NUM_BYTES, PAD, TEXT
 from polybyte.pipelines import cli, lit
 from polybyte.pipelines.demo import DEMO_SETTINGS
@@ -141,7 +141,7 @@ def test_fit_logs_training_metrics(trained):
 
 def test_fit_writes_checkpoints_exports_and_config(trained):
     files, run = set(trained["files"]), trained["run"]
-    for name in ("last", f"epoch=0-step=15", f"epoch=0-step={STEPS}"):
+    for name in ("last", "epoch=0-step=15", f"epoch=0-step={STEPS}"):
         assert f"checkpoints/{name}.ckpt" in files
         assert f"checkpoints/{name}/model.safetensors" in files
         assert f"checkpoints/{name}/config.json" in files

@@ -22,12 +22,12 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from test_lit import DEBUG_YAML, hand_batch, metrics, run_cli, series, tiny_module, write_config
 from torch.utils.data import DataLoader
 
-import lightning as L
 from polybyte.pipelines import cli, export, lit
 from polybyte.pipelines.export import CONFIG, WEIGHTS, load_exported
 
@@ -46,8 +46,9 @@ def fit_tiny(folder: Path, steps: int, every: int, ckpt_path: str | None = None)
 def visible(folder: Path) -> dict[str, str]:
     """Every file under ``folder`` that a reader would look at (hidden working names left out),
     with a hash of its bytes."""
+    files = [p for p in sorted(folder.rglob("*")) if p.is_file()]
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)}  # fmt: skip
+            for p in files if not any(part.startswith(".") for part in p.relative_to(folder).parts)}  # fmt: skip
 
 
 def ckpt_step(path: Path) -> int:
@@ -175,7 +176,8 @@ def test_default_root_dir_moves_logs_checkpoints_and_exports(demo_shards, tmp_pa
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "csv", "tb"]
     assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "checkpoints" / "last" / WEIGHTS).is_file()
     assert load_exported(run / "checkpoints" / "last.ckpt")[1]["step"] == 2
-    assert list((run / "tb").glob("version_0/events.out.tfevents.*")) and list((run / "tb").glob("version_0/config.yaml"))
+    assert list((run / "tb").glob("version_0/events.out.tfevents.*"))
+    assert list((run / "tb").glob("version_0/config.yaml"))
     assert (run / "csv" / "version_0").is_dir()
     written = visible(run)
 

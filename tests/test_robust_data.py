@@ -28,9 +28,10 @@ from polybyte.modalities import IMAGE, ResourceLimitError, get_modality
 from polybyte.modalities.image import read_npz_batch
 from polybyte.models.transformer import Transformer, TransformerConfig
 from polybyte.pipelines import cli
-from polybyte.pipelines.data import SKIP_REASONS, ByteDataModule, TooManyBadSamples
+from polybyte.pipelines.data import ByteDataModule
 from polybyte.pipelines.export import save_exported
-from polybyte.pipelines.shards import read_manifest, write_shards
+from polybyte.pipelines.shards import write_shards
+from polybyte.pipelines.sources import SKIP_REASONS, TooManyBadSamples, read_manifest
 
 SIZE = 8  # 8x8 images: 192 payload bytes
 SEQ_LEN = 200
@@ -120,10 +121,12 @@ def test_val_shard_truncated_on_a_member_boundary_counts_the_missing_samples(tmp
     assert dm.skips("val") == {**dict.fromkeys(SKIP_REASONS, 0), "missing": 3}
     assert dm.skipped == 3 and dm.seen == 12
 
-    rc, out, err = _eval(["--ckpt", str(image_export), "--data", f"image={folder}", "--out", str(tmp_path / "r")], capsys)
+    argv = ["--ckpt", str(image_export), "--data", f"image={folder}", "--out", str(tmp_path / "r")]
+    rc, out, err = _eval(argv, capsys)
     assert rc == 0, err
     assert "over 1728 bytes of 9 samples; 3 skipped (3 missing)" in out
-    assert out.strip().splitlines()[-1] == f"eval: report written to {tmp_path / 'r'}/report.md; 3 samples skipped (3 missing)"
+    last = f"eval: report written to {tmp_path / 'r'}/report.md; 3 samples skipped (3 missing)"
+    assert out.strip().splitlines()[-1] == last
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     assert report["skipped"] == {"total": 3, "undecodable": 0, "over_limit": 0, "shard_error": 0, "missing": 3}
     assert report["modalities"]["image"]["skipped"]["missing"] == 3

@@ -15,14 +15,14 @@ import subprocess
 import sys
 import time
 
+import lightning as L
 import pytest
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from safetensors.torch import load_file, save_file
 from test_lit import hand_batch, metrics, run_cli, series, tiny_module, write_config
 from torch.utils.data import DataLoader
 
-import lightning as L
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from polybyte.pipelines import cli, lit
 from polybyte.pipelines.export import WEIGHTS, load_exported
 
@@ -161,8 +161,7 @@ class SignalAt(L.Callback):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGUSR1])
-def test_sigint_and_sigusr1_save_last_at_step_reached(signum, tmp_path, monkeypatch):
-    monkeypatch.setattr(lit, "received_stop_signal", None)
+def test_sigint_and_sigusr1_save_last_at_step_reached(signum, tmp_path):
     before = signal.getsignal(signum)
     ids, modality = hand_batch()
     ckpt = lit.ExportCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=100, save_last=True)
@@ -170,8 +169,23 @@ def test_sigint_and_sigusr1_save_last_at_step_reached(signum, tmp_path, monkeypa
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
     with pytest.raises(SIGTERMException):
         trainer.fit(tiny_module(), train_dataloaders=DataLoader([(ids, modality)] * 10, batch_size=None))
-    assert lit.received_stop_signal == signum  # polybyte fit exits with 128 + signum
+    assert ckpt.received_signal == signum  # polybyte fit exits with 128 + signum
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["last", "last.ckpt"]
     assert torch.load(tmp_path / "ck" / "last.ckpt", weights_only=False)["global_step"] == 3
     assert load_exported(tmp_path / "ck" / "last")[1]["step"] == 3
     assert signal.getsignal(signum) == before  # handlers restored after the run
+
+
+def test_main_exits_with_the_signal_its_checkpoint_callback_received(monkeypatch, capsys):
+    """`main` reads the stop signal from the run's ExportCheckpoint (no module state): 128 + it."""
+
+    class StoppedCLI:
+        def __init__(self, *args, trainers, **kwargs) -> None:
+            ckpt = lit.ExportCheckpoint()
+            ckpt.received_signal = signal.SIGUSR1
+            trainers.append(L.Trainer(accelerator="cpu", logger=False, callbacks=[ckpt], enable_progress_bar=False))
+            raise SIGTERMException
+
+    monkeypatch.setattr(lit, "PolybyteCLI", StoppedCLI)
+    assert lit.main(["fit"]) == 128 + signal.SIGUSR1
+    assert "polybyte fit: stopped by SIGUSR1" in capsys.readouterr().err

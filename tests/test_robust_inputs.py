@@ -24,7 +24,7 @@ from polybyte.modalities import IMAGE, ResourceLimitError, get_modality
 from polybyte.models.transformer import Transformer, TransformerConfig
 from polybyte.pipelines import cli
 from polybyte.pipelines.export import CONFIG, WEIGHTS, save_exported
-from polybyte.pipelines.shards import read_manifest
+from polybyte.pipelines.sources import read_manifest
 
 
 # --- hostile files ----------------------------------------------------------------------------
@@ -143,7 +143,7 @@ def test_loader_skips_and_counts_bombs_with_their_reason(tmp_path, caplog):
     sources = {"image": pictures, "audio": sounds}
     val = {name: str(folder / "*.tar") for name, folder in sources.items()}
     kw = {"val_sources": val, "seq_len": 256, "num_workers": 0}
-    with caplog.at_level(logging.WARNING, logger="polybyte.pipelines.data"):
+    with caplog.at_level(logging.WARNING, logger="polybyte.pipelines.sources"):
         dm = _dm(sources, adapter_settings={"image": {"size": 8}}, **kw)
         batches = list(dm.val_dataloader())
     assert len(_rows(batches, IMAGE)) == 4
@@ -185,7 +185,8 @@ def _break(export: Path, case: str) -> Path:
     return weights if "weights" in case else config
 
 
-BAD_EXPORTS = ["empty weights", "truncated weights", "corrupt weights", "invalid config", "wrong backbone", "wrong dims"]
+BAD_EXPORTS = ["empty weights", "truncated weights", "corrupt weights", "invalid config", "wrong backbone",
+               "wrong dims"]
 
 
 @pytest.mark.parametrize("case", BAD_EXPORTS)

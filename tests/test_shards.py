@@ -13,11 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from shard_reading import iter_samples, shard_paths
 
 from polybyte.modalities import modality_from_dict
 from polybyte.modalities.image import to_order
 from polybyte.pipelines import cli
-from polybyte.pipelines.shards import iter_samples, read_manifest, shard_paths, write_shards
+from polybyte.pipelines.shards import write_shards
+from polybyte.pipelines.sources import read_manifest
 
 
 def _all_samples(out: Path) -> dict[str, tuple[bytes, dict]]:

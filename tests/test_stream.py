@@ -9,8 +9,19 @@ import numpy as np
 import pytest
 import torch
 
-from polybyte.modalities import AUDIO, EOS, IMAGE, PAD, TEXT, frame, payload_mask
-from polybyte.pipelines.data import BPBMeter, bpb, clip_windows, pack_text, sample_stream, stream_windows
+from polybyte.modalities import AUDIO, EOS, IMAGE, NUM_BYTES, PAD, TEXT, frame, payload_mask
+from polybyte.pipelines.bpb import BPBMeter, payload_bits
+from polybyte.pipelines.windows import clip_windows, pack_text, sample_stream, stream_windows
+
+
+def bpb(nll: torch.Tensor, ids: torch.Tensor) -> float:
+    """Reference: bits per payload byte of ``nll [B, T]`` over targets that are bytes 0..255
+    (tags, EOS, PAD excluded), divided by their count. NaN if there are none."""
+    mask = ids < NUM_BYTES
+    count = int(mask.sum())
+    if count == 0:
+        return float("nan")
+    return float(torch.where(mask, nll.double(), 0.0).sum()) / math.log(2.0) / count
 
 
 def _docs(seed: int, n: int, max_len: int) -> list[bytes]:
@@ -116,6 +127,10 @@ def test_bpb_counts_payload_targets_only():
     expected = (1.0 + 2.0 + 0.5 * 3) / math.log(2) / 5
     assert bpb(nll, ids) == pytest.approx(expected)
     assert math.isnan(bpb(nll, torch.full_like(ids, PAD)))
+    bits, count = payload_bits(nll, ids)  # the one mask training, validation and eval use
+    assert float(bits.sum() / count.sum()) == pytest.approx(expected) and count.tolist() == [2, 3]
+    scored = torch.tensor([[True] * 5, [False, True, True, True, True]])  # eval's overlapping windows
+    assert payload_bits(nll, ids, scored)[1].tolist() == [2, 2]
 
 
 def test_meter_sums_per_modality_over_batches():

@@ -1,0 +1,85 @@
+"""How pipelines/ imports (issue 13): `eval`, `sample` and `shard` never load Lightning, the
+modules of pipelines/ import each other without a circle, and imports go one way between the
+three packages (pipelines/ -> models/, modalities/; those two never import each other or
+pipelines/)."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("modalities", "models", "pipelines")
+
+
+@pytest.mark.parametrize("module", ["evaluate", "sample", "shards"])
+def test_eval_sample_and_shard_never_import_lightning(module):
+    """Imported in a fresh interpreter, as `polybyte eval|sample|shard` load them (through cli.py)."""
+    code = (
+        "import sys\n"
+        "from polybyte.pipelines import cli\n"
+        f"import polybyte.pipelines.{module}\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]", f"polybyte.pipelines.{module} imports Lightning: {out.stdout[:300]}"
+
+
+def _imports(package: str) -> dict[str, set[str]]:
+    """``{module: {modules of the three packages it imports}}`` for every module of ``package``,
+    lazy imports inside functions included, named ``package.module`` (``package.__init__`` for
+    the package itself)."""
+    graph: dict[str, set[str]] = {}
+    for path in sorted((REPO / package).glob("*.py")):
+        name = f"{package}.{path.stem}"
+        found: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:  # relative: from .x import y / from . import x
+                    base = package if not node.module else f"{package}.{node.module}"
+                    targets = [base] if node.module else [f"{package}.{a.name}" for a in node.names]
+                else:
+                    base = node.module or ""
+                    targets = [base] + [f"{base}.{a.name}" for a in node.names]
+            else:
+                continue
+            for target in targets:
+                target = target.removeprefix("polybyte.")
+                if target in PACKAGES:
+                    found.add(f"{target}.__init__")
+                elif target.split(".")[0] in PACKAGES and (REPO / (target.replace(".", "/") + ".py")).is_file():
+                    found.add(target)
+        graph[name] = found - {name}
+    return graph
+
+
+def test_pipelines_modules_import_each_other_without_a_circle():
+    graph = {m: {t for t in ts if t.startswith("pipelines.")} for m, ts in _imports("pipelines").items()}
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        for target in sorted(graph.get(module, ())):
+            if state.get(target) == 1:
+                circle = path[path.index(target):] + [target] if target in path else [module, target]
+                pytest.fail("import circle: " + " -> ".join(circle))
+            if target not in state:
+                visit(target, [*path, target])
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+
+
+@pytest.mark.parametrize("package, forbidden", [("models", ("modalities", "pipelines")),
+                                                ("modalities", ("models", "pipelines"))])  # fmt: skip
+def test_imports_go_one_way(package, forbidden):
+    wrong = sorted(f"{m} -> {t}" for m, ts in _imports(package).items() for t in ts if t.split(".")[0] in forbidden)
+    assert not wrong, f"{package}/ must not import {' or '.join(forbidden)}/: {wrong}"
