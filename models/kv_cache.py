@@ -13,15 +13,11 @@ Tq new queries:
 
 The kinds differ in where the fill level lives and what ``update`` returns:
 
-=========================  =====================  ===================================  =========================
-cache                      fill level             ``update`` returns                   mask
-=========================  =====================  ===================================  =========================
-``KVCache``                host                   the filled slots                     the caller's, or causal
-``WindowedKVCache``        host                   the ring (+ the new keys if several)  the window, by position
-``DeviceKVCache``          device                 the whole buffer (fixed shape)       causal, by position
-``DeviceWindowedKVCache``  device                 the whole ring (fixed shape)         causal, by position
-``RowKVCache``             device, one per row    every slot (fixed between grows)     the caller's row mask
-=========================  =====================  ===================================  =========================
+* ``KVCache``: host fill level; the filled slots; the caller's mask, or causal by position;
+* ``WindowedKVCache``: host; the ring (plus the new keys when several); its window, by position;
+* ``DeviceKVCache``: on the device; the whole buffer (fixed shape); causal, by position;
+* ``DeviceWindowedKVCache``: on the device; the whole ring (fixed shape); causal, by position;
+* ``RowKVCache``: on the device, one per row; every slot (fixed between grows); the row mask.
 
 A device fill level means no host sync and the same shapes and addresses at every step: what
 CUDA graphs and compiled decoding steps need (models/generate.py). ``TransformerCache`` holds
