@@ -44,7 +44,6 @@ from .transformer import PRESETS as TRANSFORMER_PRESETS
 from .transformer import Transformer, TransformerConfig
 
 
-
 # --- configuration ----------------------------------------------------------------------------
 @dataclasses.dataclass
 class LocalConfig:
@@ -381,7 +380,9 @@ class BLT(BLTDecoding, ByteLM):
             return kv_idx // k == patch_ids[b, q_idx]
 
         # no patch ids: one byte per row reading all k slots (incremental decoding)
-        cross_mask = None if patch_ids is None else prepare_mask(state_before_own_patch, B, n, slots.shape[1], slots.device)
+        cross_mask = None
+        if patch_ids is not None:
+            cross_mask = prepare_mask(state_before_own_patch, B, n, slots.shape[1], slots.device)
         self_mask = None if caches else _local_mask(self.config.decoder.window, n, enc_states.device)
         h = self.enc_to_dec(enc_states)
         for i, block in enumerate(self.dec_blocks):

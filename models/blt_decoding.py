@@ -29,7 +29,7 @@ With 16 rows and patches of ~4 bytes, a row closes a patch at almost every byte 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -27,7 +27,7 @@ while ``stop_at_eos``, so fixed-size payloads such as images always come out who
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 

@@ -38,7 +38,7 @@ Mask = MaskMod | AttentionMask | None
 class LayerCache(ABC):
     """The protocol ``Attention`` uses (see the module docstring for the call order)."""
 
-    def check(self, mask_mod: Mask, causal: bool) -> None:
+    def check(self, mask_mod: Mask, causal: bool) -> None:  # noqa: B027 (a default: any mask will do)
         """Raise if queries with this mask cannot attend over this cache (default: any mask)."""
 
     @abstractmethod

@@ -10,7 +10,7 @@ every module it uses is `Megabyte`'s (models/megabyte.py), so state-dict keys ar
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -26,7 +26,8 @@ class MegabyteState(DecodingState):
     position (prompts of different lengths are teacher-forced by the caller).
     """
 
-    global_caches: list[KVCache] | list[DeviceKVCache]  # one per global layer: ceil(max_len / P) patches, max_seq_len / P for DeviceKVCaches
+    # one per global layer: ceil(max_len / P) patches, max_seq_len / P for DeviceKVCaches
+    global_caches: list[KVCache] | list[DeviceKVCache]
     local_caches: list[KVCache] | list[DeviceKVCache]  # one per local layer, r + P bytes; reset every patch
     patch_bytes: torch.Tensor  # [B, P] ids of the patch being decoded (global input of the next)
     local_cond: torch.Tensor  # [B, P, D_L] projected global output for the current patch (updated in place)

@@ -222,7 +222,8 @@ class Transformer(ByteLM):
         """Logits [B, V] of position ``state.pos`` given the bytes ``prev`` [B] before it (None at
         position 0: the tag is fed); advances ``state.pos``."""
         if (prev is None) != (state.pos == 0):
-            raise ValueError(f"step at position {state.pos}: prev must be {'None' if state.pos == 0 else 'the byte at t-1 [B]'}")
+            want = "None" if state.pos == 0 else "the byte at t-1 [B]"
+            raise ValueError(f"step at position {state.pos}: prev must be {want}")
         token = state.modality if prev is None else prev
         state.pos += 1
         return self.forward_step(token[:, None].to(torch.long), state.cache)[:, 0]

@@ -331,7 +331,8 @@ def test_patch_capacity_merges_overflow_into_the_last_slot():
     assert cfg.capacity(64) == 64  # rounded up to a multiple of 64, at most T
     cfg = patching.PatcherConfig(kind="strided", patch_size=4, max_patches_ratio=0.5)
     assert cfg.capacity(1024) == 128
-    lengths, patch_ids = patching.patch(ids, patching.PatcherConfig(kind="strided", patch_size=1, max_patches_ratio=0.01))
+    one_byte = patching.PatcherConfig(kind="strided", patch_size=1, max_patches_ratio=0.01)
+    lengths, patch_ids = patching.patch(ids, one_byte)
     assert lengths.shape == (2, 64) and patch_ids.max() == 63  # capacity min(T, 64) = 64 slots
     cfg = patching.PatcherConfig(kind="strided", patch_size=1, max_patches_ratio=0.01)
     ids = text_ids(2, 256, seed=2)

@@ -10,9 +10,8 @@ import dataclasses
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-
 from conftest import tiny_blt as conftest_tiny_blt
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import polybyte.models.blt_decoding as blt_module
 from polybyte.models import patching
@@ -93,9 +92,8 @@ for _kind in ("space", "entropy", "entropy_relative"):
     for _fpl1 in (True, False):
         for _split in (True, False):
             for _mpl in (None, 4):
-                PATCHERS.append(
-                    dict(kind=_kind, patch_size=3, first_patch_len_one=_fpl1, split_after_special=_split, max_patch_len=_mpl)
-                )
+                flags = dict(first_patch_len_one=_fpl1, split_after_special=_split, max_patch_len=_mpl)
+                PATCHERS.append(dict(kind=_kind, patch_size=3, **flags))
 PATCHERS.append(dict(kind="space", patch_size=3, max_patch_len=1))  # ring of one encoder state
 
 

@@ -16,7 +16,7 @@ def test_hash_ngram_ids_deterministic_in_range_and_causal():
     # the same n bytes hash to the same row wherever they occur, and only those n bytes matter
     row = torch.tensor([list(b"xxabcdefgh__abcdefgh")])
     hr = hash_ngram_ids(row, sizes, table)
-    for s, n in enumerate(sizes):
+    for s in range(len(sizes)):
         assert hr[0, 9, s] == hr[0, 19, s]  # "…gh" at 9 and 19: same last 8 bytes
     assert hr[0, 11, 0] != hr[0, 10, 0]  # different trigrams (collision odds 1/1000 for this fixed pair)
     # never looks ahead: changing bytes >= t leaves every position < t unchanged

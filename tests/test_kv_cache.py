@@ -8,6 +8,7 @@ from conftest import attn_and_input, causal_mask
 from polybyte.models import kv_cache as C
 from polybyte.models import masks as M
 
+
 def test_kv_cache_decoding_matches_full_causal_attention():
     attn, x = attn_and_input()
     B, T, _ = x.shape

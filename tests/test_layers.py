@@ -6,6 +6,7 @@ from conftest import attn_and_input
 
 from polybyte.models import layers as L
 
+
 def test_cross_attention_uses_rope_only_with_key_positions():
     torch.manual_seed(0)
     attn = L.Attention(32, 4, kv_dim=24, rope=L.RoPE(8))

@@ -9,6 +9,7 @@ from conftest import document_causal_mask
 
 from polybyte.models import masks as M
 
+
 def reference_attention(q, k, v, mask):
     """Explicit softmax attention; mask bool [B or 1, 1, Tq, Tk]; GQA by repeating kv heads."""
     rep = q.shape[1] // k.shape[1]
