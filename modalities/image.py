@@ -127,7 +127,9 @@ def read_npz_batch(source, max_pixels: int | None = None) -> Iterator[tuple[int,
                 labels = archive.open("labels.npy")
                 label_shape, _, label_dtype = _npy_header(labels, "labels")
                 if label_shape != (count,) or label_dtype.kind not in "iu":
-                    raise ValueError(f"{label_shape} {label_dtype} labels for {count} images (want ({count},) integers)")
+                    raise ValueError(
+                        f"{label_shape} {label_dtype} labels for {count} images (want ({count},) integers)"
+                    )
             for i in range(count):
                 row = data.read(row_bytes)
                 if len(row) != row_bytes:

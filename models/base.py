@@ -1,4 +1,7 @@
-"""The `ByteLM` interface every backbone implements, and the backbone registry.
+"""The `ByteLM` interface every backbone implements, with its decoding protocol.
+
+The backbones live in their own modules and the registry in ``models/__init__.py``: this
+module imports neither (a base never imports its implementations).
 
 Conventions shared by all backbones (DESIGN.md §2, §5):
 
@@ -12,6 +15,28 @@ Conventions shared by all backbones (DESIGN.md §2, §5):
   shifted by the caller.
 * ``loss`` is the mean cross-entropy over every non-PAD target; the per-target NLL (nats, 0 at
   PAD) is returned too so BPB over payload bytes can be computed by the caller.
+
+Incremental decoding (what ``models/generate.py`` drives; every backbone implements it):
+
+* ``state = model.new_state(modality [B], max_len, dtype)``: an empty `DecodingState` for B rows,
+  able to emit ``max_len`` positions; every row sits at the same position ``state.pos``;
+* ``model.prefill(state, ids [B, n]) -> logits [B, n+1, V]`` on a fresh state (n may be 0): the
+  logits of positions 0..n, leaving ``state.pos = n + 1``;
+* ``model.step(state, prev) -> logits [B, V]`` of position ``state.pos``, given ``prev`` [B] =
+  the bytes at ``state.pos - 1`` (None exactly at position 0); advances ``state.pos``.
+
+Block decoders (MEGABYTE, BLT) also decode ``decode_block_size`` bytes per call with the
+sampling inside, at fixed shapes and without host syncs, so that one CUDA graph replays every
+block (``decode_block_size`` is None for the others):
+
+* ``state = model.new_block_state(modality, max_len, dtype)``: a state whose every step has the
+  same shapes and tensor addresses;
+* ``model.prepare_block(state) -> bool``: host-side checks and cache growth before a block; True
+  when buffers were reallocated (a captured graph must be captured again);
+* ``model.decode_block(state, prev, sample) -> ids [B, n]``: byte j drawn by ``sample(logits,
+  j)`` and fed to step j+1; advances ``state.pos`` by n.
+
+Every logit equals the full forward's at the same position.
 """
 
 from __future__ import annotations
@@ -19,19 +44,31 @@ from __future__ import annotations
 import dataclasses
 import typing
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import tokens
+
 
 @dataclasses.dataclass
 class ByteLMConfig:
     """Fields every backbone config has. Subclasses add their own (with a comment each)."""
 
-    vocab_size: int = 264  # byte values 0..255 + specials (PAD, EOS, tags, reserved)
-    pad_id: int = 256  # id that is only padding: never a target, never counted
+    vocab_size: int = tokens.VOCAB_SIZE  # byte values 0..255 + specials (PAD, EOS, tags, reserved)
+    pad_id: int = tokens.PAD  # id that is only padding: never a target, never counted
+
+
+@dataclasses.dataclass
+class DecodingState:
+    """What every backbone's decoding state holds (each backbone's subclass adds its caches)."""
+
+    modality: torch.Tensor  # [B] modality tag ids
+    max_len: int  # most positions this state can emit
+    pos: int  # the position whose logits the next ``step`` returns (host)
 
 
 class ByteLM(nn.Module, ABC):
@@ -66,17 +103,51 @@ class ByteLM(nn.Module, ABC):
         """Training FLOPs (forward + backward) per byte of the grid at ``seq_len``."""
 
     @property
+    def seq_multiple(self) -> int:
+        """The forward takes windows whose length is a multiple of this (MEGABYTE: whole patches)."""
+        return 1
+
+    @property
     def max_stream_len(self) -> int | None:
         """Longest stream (tag included) that incremental decoding continues faithfully: the
         training window ``max_seq_len``; None where attention slides over ring caches, so a
         sample may run past the window with every step seeing the last ``window`` tokens."""
         return self.config.max_seq_len
 
-    def generate(self, modality, prompts=None, max_bytes: int = 256, **kwargs) -> list[list[int]]:
-        """Cached batched sampling; see `polybyte.models.generate.generate` for the arguments."""
-        from .generate import generate
+    # --- incremental decoding (see the module docstring) --------------------------------------
+    # Bytes per ``decode_block`` call; None: the backbone decodes by ``step`` only.
+    decode_block_size: int | None = None
 
-        return generate(self, modality, prompts, max_bytes, **kwargs)
+    @abstractmethod
+    def new_state(self, modality: torch.Tensor, max_len: int, dtype: torch.dtype | None = None) -> DecodingState:
+        """Empty decoding state for rows with tags ``modality`` [B] (its device is used), able to
+        emit ``max_len`` positions; cache ``dtype`` defaults to the weights'."""
+
+    @abstractmethod
+    def prefill(self, state: DecodingState, ids: torch.Tensor) -> torch.Tensor:
+        """Feed a prompt ids [B, n] into a fresh state -> logits [B, n+1, V]; ``state.pos = n + 1``."""
+
+    @abstractmethod
+    def step(self, state: DecodingState, prev: torch.Tensor | None) -> torch.Tensor:
+        """Logits [B, V] of position ``state.pos`` given the bytes ``prev`` [B] before it (None
+        at position 0); advances ``state.pos`` by one."""
+
+    def new_block_state(
+        self, modality: torch.Tensor, max_len: int, dtype: torch.dtype | None = None
+    ) -> DecodingState:
+        """A state for ``decode_block``: every step with the same shapes and addresses. Default:
+        ``new_state`` (a backbone whose states are always like that)."""
+        return self.new_state(modality, max_len, dtype)
+
+    def prepare_block(self, state: DecodingState) -> bool:
+        """Host-side preparation of ``decode_block``; True when buffers were reallocated."""
+        raise NotImplementedError(f"{type(self).__name__} has no block decoding (decode_block_size is None)")
+
+    def decode_block(
+        self, state: DecodingState, prev: torch.Tensor, sample: Callable[[torch.Tensor, int], torch.Tensor]
+    ) -> torch.Tensor:
+        """Decode ``decode_block_size`` bytes [B, n] from ``state.pos``, sampling inside."""
+        raise NotImplementedError(f"{type(self).__name__} has no block decoding (decode_block_size is None)")
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         skip = set()
@@ -95,64 +166,9 @@ def nll_loss(logits: torch.Tensor, ids: torch.Tensor, pad_id: int) -> tuple[torc
     return nll.sum() / keep.sum().clamp_min(1), nll
 
 
-# --- registry ---------------------------------------------------------------------------------
-_BACKBONES: dict[str, tuple[type[ByteLM], type[ByteLMConfig]]] = {}
-
-
-def register_backbone(name: str, config_cls: type[ByteLMConfig]):
-    """Class decorator: ``@register_backbone("megabyte", MegabyteConfig)``."""
-
-    def wrap(cls: type[ByteLM]) -> type[ByteLM]:
-        cls.backbone = name
-        _BACKBONES[name] = (cls, config_cls)
-        return cls
-
-    return wrap
-
-
-def _load_all() -> None:
-    # Importing the modules registers the backbones.
-    from . import blt, megabyte, transformer  # noqa: F401
-
-
-def backbone_names() -> list[str]:
-    _load_all()
-    return sorted(_BACKBONES)
-
-
-def config_class(name: str) -> type[ByteLMConfig]:
-    _load_all()
-    if name not in _BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; known: {sorted(_BACKBONES)}")
-    return _BACKBONES[name][1]
-
-
-def build_model(config: ByteLMConfig | dict[str, Any], name: str | None = None) -> ByteLM:
-    """Build a backbone from its config dataclass, or from a dict ``{"backbone": name, ...}``."""
-    _load_all()
-    if isinstance(config, dict):
-        config = dict(config)
-        name = config.pop("backbone", name)
-        config = config_from_dict(name, config)
-    for key, (cls, cfg_cls) in _BACKBONES.items():
-        if type(config) is cfg_cls and (name is None or name == key):
-            return cls(config)
-    raise ValueError(f"no backbone takes a {type(config).__name__}; known: {sorted(_BACKBONES)}")
-
-
-def config_from_dict(name: str, d: dict[str, Any]) -> ByteLMConfig:
+# --- config (de)serialisation ----------------------------------------------------------------
+def dataclass_from_dict(cls, d: dict[str, Any]):
     """Rebuild a (possibly nested) config dataclass from plain dicts, rejecting unknown keys."""
-    return _dataclass_from_dict(config_class(name), d)
-
-
-def config_to_dict(config: ByteLMConfig) -> dict[str, Any]:
-    for key, (_, cfg_cls) in _BACKBONES.items():
-        if type(config) is cfg_cls:
-            return {"backbone": key, **dataclasses.asdict(config)}
-    raise ValueError(f"unregistered config type {type(config).__name__}")
-
-
-def _dataclass_from_dict(cls, d: dict[str, Any]):
     hints = typing.get_type_hints(cls)  # resolves string annotations to classes
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(d) - names
@@ -162,5 +178,5 @@ def _dataclass_from_dict(cls, d: dict[str, Any]):
     for k, v in d.items():
         sub = hints.get(k)
         nested = isinstance(v, dict) and dataclasses.is_dataclass(sub)
-        kwargs[k] = _dataclass_from_dict(sub, v) if nested else v
+        kwargs[k] = dataclass_from_dict(sub, v) if nested else v
     return cls(**kwargs)

@@ -17,103 +17,34 @@ Data flow for ids [B, T] (targets) and modality [B]::
 So ``logits[:, t]`` depends on the tag and ``ids[:, :t]`` only: the patch boundaries come from
 ``models/patching.py``, whose rules decide whether byte p starts a patch from bytes < p alone.
 
-Incremental decoding (the seam for ``models/generate.py``; ``new_cache`` makes the caches;
-``test_stepping_the_stages_with_caches_matches_the_full_forward`` runs this recipe). To
-predict byte t, with u_t = the tag (t = 0) or ids[t-1]:
-
-1. entropy patching: ``entropy.step_entropies(model.entropy_model, u_t, cache.entropy)`` gives
-   the entropy of byte t; whether t starts a patch is known now, before byte t exists
-   (``patching.patch_starts`` on the prefix, any value at position t, read at position t);
-2. local encoder, one input: ``embed(u_t, history=the last max(n)-1 inputs)`` then
-   ``encode_bytes(x, positions=[t], caches=cache.encoder)``; keep every layer's state;
-3. if t starts patch j: the inputs of patch j (the tag for j = 0, else those after the previous
-   start up to t) are complete: ``encode_patches`` on their states (patch id 0, one patch),
-   ``latent(..., positions=[j], caches=cache.latent)``, ``decoder_slots`` -> the k slots;
-4. local decoder, one byte: ``decode(state of u_t, slots, patch id 0, positions=[t],
-   caches=cache.decoder)`` -> logits of byte t.
-
-Rows of a batch close patches at different steps. ``new_state`` / ``step`` / ``prefill`` /
-``decode_block`` (for ``models/generate.py``) therefore run step 3 for every row at every byte,
-each row at its own patch index (``RowKVCache``), and only the rows that close a patch keep
-the result; every step then has the same kernels and shapes, with no host sync (the patch
-decisions stay on the device), so one CUDA graph replays a block of steps. The pooling window
-is a ring of the last encoder states, as many as the longest patch (``max_patch_len``, or the
-stride for strided patching; all of them without a bound); the latent caches grow between blocks.
-With 16 rows and patches of ~4 bytes, a row closes a patch at almost every byte anyway.
+Incremental decoding: ``models/blt_decoding.py``, a mixin of `BLT`; hashed n-gram embeddings:
+``models/hash_ngrams.py``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import patching
-from .base import ByteLM, ByteLMConfig, _dataclass_from_dict, register_backbone
-from .entropy import compute_entropies, step_entropies
+from .base import ByteLM, ByteLMConfig, dataclass_from_dict
+from .blt_decoding import BLTDecoding
+from .entropy import compute_entropies
 from .flops import TRAIN_FACTOR, attention_flops, attention_pairs, linear_flops
-from .layers import (
-    init_residual_projections,
-    Attention,
-    AttentionMask,
-    Block,
-    DeviceWindowedKVCache,
-    KVCache,
-    RMSNorm,
-    RoPE,
-    WindowedKVCache,
-    prepare_mask,
-    sliding_window_mask,
-)
+from .hash_ngrams import HashNgramConfig, HashNgramEmbedding
+from .kv_cache import LayerCache
+from .layers import Attention, Block, RMSNorm, RoPE, init_residual_projections
+from .masks import AttentionMask, prepare_mask, sliding_window_mask
 from .patching import PatcherConfig
 from .transformer import PRESETS as TRANSFORMER_PRESETS
-from .transformer import Transformer, TransformerCache, TransformerConfig
-
-
-HASH_MODULUS = 2**31 - 1  # Mersenne prime: residues < 2^31, so a residue times an id fits in int64
-# Incremental decoding: bytes per decode_block call (one CUDA graph replay), the latent caches'
-# first capacity in patches and the factor they grow by when a row may need more. Each growth
-# costs an eager block and a new graph capture, and every slot is attended at every byte; for
-# the base preset (16 x 12,288 bytes, 2.3-byte patches) 1.5 and 2 measured the same.
-DECODE_BLOCK = 16
-LATENT_MIN_CAPACITY = 128
-LATENT_GROWTH = 1.5
-# One multiplier per hash function (primes < HASH_MODULUS, the first as in the paper's code).
-HASH_MULTIPLIERS = (1_000_000_007, 1_500_450_271, 1_100_000_009, 1_200_000_041,
-                    1_300_000_003, 1_400_000_023, 1_600_000_009, 1_700_000_009)
+from .transformer import Transformer, TransformerConfig
 
 
 # --- configuration ----------------------------------------------------------------------------
-@dataclasses.dataclass
-class HashNgramConfig:
-    """Hashed n-gram embeddings added to the byte embeddings (BLT §3.2.1)."""
-
-    sizes: tuple[int, ...] = (3, 4, 5, 6, 7, 8)  # n-gram lengths; the paper's best: 3..8
-    # Rows per table (one table per n and hash function). The paper uses 500K and reports gains
-    # growing with the table; it costs table_size·D_E parameters per table (no FLOPs), so the
-    # default and the presets use less to stay near their parameter budgets.
-    table_size: int = 16_384
-    num_functions: int = 1  # hash functions per n, each with its own table (released BLT: 1)
-
-    def __post_init__(self) -> None:
-        self.sizes = tuple(self.sizes)
-        if not self.sizes or min(self.sizes) < 1:
-            raise ValueError(f"hash n-gram sizes must be positive integers, got {self.sizes}")
-        if self.table_size < 1 or not 1 <= self.num_functions <= len(HASH_MULTIPLIERS):
-            raise ValueError(
-                f"need table_size >= 1 and 1 <= num_functions <= {len(HASH_MULTIPLIERS)}, "
-                f"got {self.table_size}, {self.num_functions}"
-            )
-
-    @property
-    def num_tables(self) -> int:
-        return len(self.sizes) * self.num_functions
-
-
 @dataclasses.dataclass
 class LocalConfig:
     """A local (byte-level) model: the encoder or the decoder."""
@@ -177,9 +108,9 @@ class BLTConfig(ByteLMConfig):
                           ("encoder", LocalConfig), ("latent", LatentConfig), ("decoder", LocalConfig)):
             value = getattr(self, name)
             if isinstance(value, dict):
-                setattr(self, name, _dataclass_from_dict(cls, value))
+                setattr(self, name, dataclass_from_dict(cls, value))
         if isinstance(self.entropy_model, dict):
-            self.entropy_model = _dataclass_from_dict(TransformerConfig, self.entropy_model)
+            self.entropy_model = dataclass_from_dict(TransformerConfig, self.entropy_model)
         if self.patcher.needs_entropies and self.entropy_model is None:
             raise ValueError(
                 f"{self.patcher.kind} patching needs an entropy model: set entropy_model to a "
@@ -240,60 +171,6 @@ def blt_preset(name: str, **overrides) -> BLTConfig:
     return BLTConfig(**{**PRESETS[name], **overrides})
 
 
-# --- hash n-gram embeddings -------------------------------------------------------------------
-def hash_ngram_ids(
-    ids: torch.Tensor, sizes: tuple[int, ...], table_size: int, num_functions: int = 1, fill: int = -1
-) -> torch.Tensor:
-    """Row indices of the n-grams ending at every position: ids [B, T] -> [B, T, num_functions·len(sizes)].
-
-    Entry ``[b, t, f·len(sizes) + s]`` is ``RollPolyHash(ids[b, t-n+1 .. t]) mod table_size`` with
-    ``n = sizes[s]`` and hash function ``f``: ``Σ_j ids[t-j]·a_f^j mod (2^31 - 1)``. Positions
-    before the row's start read as ``fill`` (-1, i.e. 2^31 - 2 mod the modulus: no real id), so
-    an n-gram never looks past position t and short prefixes hash consistently. Computed by
-    extending the (n-1)-gram hash by one older byte: max(sizes) vectorised steps in all.
-    """
-    B, T = ids.shape
-    n_max = max(sizes)
-    padded = torch.cat([ids.new_full((B, n_max - 1), fill), ids.long()], dim=1)  # [B, n_max-1+T]
-    # padded[:, n_max-1-j : n_max-1-j+T] holds ids[:, t-j] at column t
-    older = [padded[:, n_max - 1 - j : n_max - 1 - j + T] % HASH_MODULUS for j in range(n_max)]
-    out = []
-    for f in range(num_functions):
-        a = HASH_MULTIPLIERS[f]
-        h = older[0]
-        by_size = {}
-        for j in range(n_max):
-            if j:
-                h = (h + older[j] * pow(a, j, HASH_MODULUS)) % HASH_MODULUS
-            by_size[j + 1] = h
-        out.extend(by_size[n] % table_size for n in sizes)
-    return torch.stack(out, dim=-1)
-
-
-class HashNgramEmbedding(nn.Module):
-    """Byte embedding plus hashed n-gram embeddings, summed and divided by the number of terms
-    (the paper normalises the sum by the number of n-gram sizes plus one)."""
-
-    def __init__(self, vocab_size: int, dim: int, config: HashNgramConfig) -> None:
-        super().__init__()
-        self.config = config
-        self.byte_embed = nn.Embedding(vocab_size, dim)
-        # All tables stacked in one nn.Embedding: one fused gather-and-sum (embedding_bag).
-        self.hash_embed = nn.Embedding(config.num_tables * config.table_size, dim)
-        offsets = torch.arange(config.num_tables) * config.table_size
-        self.register_buffer("offsets", offsets, persistent=False)
-
-    def forward(self, inputs: torch.Tensor, history: torch.Tensor | None = None) -> torch.Tensor:
-        """inputs [B, n] -> [B, n, D]. ``history`` [B, h]: inputs just before (incremental use)."""
-        c = self.config
-        full = inputs if history is None else torch.cat([history, inputs], dim=1)
-        rows = hash_ngram_ids(full, c.sizes, c.table_size, c.num_functions)[:, -inputs.shape[1] :]
-        B, n, K = rows.shape
-        bags = (rows + self.offsets).reshape(B * n, K)  # [B, n, K] -> [B*n, K]
-        hashed = F.embedding_bag(bags, self.hash_embed.weight, mode="sum").view(B, n, -1)
-        return (self.byte_embed(inputs) + hashed) / (K + 1)
-
-
 # --- building blocks --------------------------------------------------------------------------
 class CrossAttention(nn.Module):
     """Pre-norm cross-attention with a residual on the queries (no MLP, no RoPE), as in BLT."""
@@ -313,11 +190,6 @@ def _local_mask(window: int, n: int, device) -> AttentionMask | None:
     return None if window >= n else prepare_mask(sliding_window_mask(window), None, n, n, device)
 
 
-def _ring_caches(local: LocalConfig, B: int, device, dtype, kind: type) -> list:
-    """One ring cache (``kind``: WindowedKVCache or DeviceWindowedKVCache) per layer of a local model."""
-    hd = local.dim // local.n_heads
-    return [kind(B, local.n_heads, local.window, hd, device, dtype) for _ in range(local.n_layers)]
-
 
 def _patch_max_pool(h: torch.Tensor, patch_ids: torch.Tensor, num_patches: int) -> torch.Tensor:
     """Max over each patch's positions: h [B, T, D], patch_ids [B, T] -> [B, P, D] (0 for empty
@@ -328,97 +200,11 @@ def _patch_max_pool(h: torch.Tensor, patch_ids: torch.Tensor, num_patches: int) 
     return out.scatter_reduce(1, idx, h, reduce="amax", include_self=False)[:, :num_patches]
 
 
-@dataclasses.dataclass
-class BLTCache:
-    """Caches for incremental decoding of one batch (see the module docstring's recipe)."""
-
-    encoder: list[WindowedKVCache]  # local encoder self-attention, one per layer
-    latent: list[KVCache]  # latent transformer, one per layer (new_state: RowKVCaches, see there)
-    decoder: list[WindowedKVCache]  # local decoder self-attention, one per layer
-    entropy: TransformerCache | None  # the entropy model's (entropy patching only)
-
-
-class RowKVCache:
-    """KV cache of one latent layer whose rows hold different numbers of patches.
-
-    In batched generation rows close patches at different bytes. The latent model therefore
-    steps every row at every byte, row b at its own patch index ``next_slot[b]`` (a device
-    tensor, ``BLTState.num_patches``): its key/value is written at that slot and the caller
-    masks the keys after it. A row that closed no patch computed a throwaway step, whose slot
-    its next real patch overwrites. ``update`` returns all ``capacity`` slots: the shapes stay
-    fixed between ``grow`` calls, so a captured CUDA graph replays the step. ``Attention`` uses
-    it through the ``KVCache`` protocol (``update``, ``length`` = capacity, ``window`` None), but
-    callers must pass the RoPE positions (the patch indices) and the row mask themselves.
-    """
-
-    window = None
-    static_shape = False  # the caller passes the row mask itself
-
-    def __init__(self, next_slot: torch.Tensor, n_kv_heads: int, head_dim: int, capacity: int, dtype) -> None:
-        B, dev = next_slot.shape[0], next_slot.device
-        self.next_slot = next_slot  # [B] where each row writes (the caller advances it)
-        self.k = torch.zeros(B, n_kv_heads, capacity, head_dim, device=dev, dtype=dtype)
-        self.v = torch.zeros_like(self.k)
-        self.slots = torch.arange(capacity, device=dev)
-
-    @property
-    def capacity(self) -> int:
-        return self.k.shape[2]
-
-    length = capacity  # keys returned by update
-
-    def grow(self, capacity: int) -> None:
-        """Reallocate to ``capacity`` slots, keeping the cached ones (new addresses)."""
-        old = self.capacity
-        for name in ("k", "v"):
-            buf = getattr(self, name)
-            new = buf.new_zeros(*buf.shape[:2], capacity, buf.shape[3])  # [B, Hkv, capacity, Dh]
-            new[:, :, :old] = buf
-            setattr(self, name, new)
-        self.slots = torch.arange(capacity, device=self.k.device)
-
-    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One new step per row, k/v [B, Hkv, 1, Dh] -> keys/values [B, Hkv, capacity, Dh], slots."""
-        rows = torch.arange(k.shape[0], device=k.device)
-        self.k[rows, :, self.next_slot] = k[:, :, 0]
-        self.v[rows, :, self.next_slot] = v[:, :, 0]
-        return self.k, self.v, self.slots
-
-
-@dataclasses.dataclass
-class BLTState:
-    """Incremental-decoding state of a batch; create with ``BLT.new_state``.
-
-    Every row sits at the same byte position ``pos`` (prompts of different lengths are
-    teacher-forced by the caller); rows differ in their patches. Everything a step reads or
-    writes is a device tensor updated in place (``t`` mirrors ``pos``), so one captured CUDA
-    graph replays any number of steps; only the latent caches grow, between blocks of steps.
-    """
-
-    modality: torch.Tensor  # [B] modality tag ids
-    max_len: int  # most positions this state can decode
-    pos: int  # next position to emit logits for (host)
-    t: torch.Tensor  # 0-dim long: pos, on the device
-    cache: BLTCache  # Device* caches (encoder, decoder, entropy); ``latent`` holds RowKVCaches
-    history: torch.Tensor  # [B, H] the last H inputs (tag, bytes), -1 before the stream starts
-    enc_ring: list[torch.Tensor]  # per pooled encoder layer [B, R, D_E]: states of the last R inputs
-    ring_pos: torch.Tensor  # [R] input position held by each ring slot (-1 = empty)
-    num_patches: torch.Tensor  # [B] patches started so far (= the latent slot of the next one)
-    open_start: torch.Tensor  # [B] first input of the input patch being filled
-    content_start: torch.Tensor  # [B] last start before max-length cuts (patching._cut_long)
-    entropy: torch.Tensor  # [B] fp32 entropy of the byte at pos - 1 (entropy_relative)
-    slots: torch.Tensor  # [B, k, D_D] decoder slots of each row's current patch
-    reserved_to: int = 0  # host: the latent caches hold every patch of the positions before it
-    patch_bound: int = 0  # host: an upper bound of max(num_patches) at position reserved_to
-
-
 # --- the model --------------------------------------------------------------------------------
-@register_backbone("blt", BLTConfig)
-class BLT(ByteLM):
+class BLT(BLTDecoding, ByteLM):
     """Byte Latent Transformer (see module docstring)."""
 
-    compilable_steps = ("decode_front", "decode_latent", "decode_back")
-    growing_steps = ("decode_latent",)  # its shapes follow the latent caches' capacity
+    backbone = "blt"  # registry name (models/__init__.py)
 
     def __init__(self, config: BLTConfig) -> None:
         super().__init__()
@@ -483,22 +269,6 @@ class BLT(ByteLM):
             self.entropy_model.eval()  # frozen: never in training mode
         return self
 
-    def new_cache(self, B: int, max_patches: int | None = None, device=None, dtype=None) -> BLTCache:
-        """Empty caches for B rows; the latent one holds ``max_patches`` (default max_seq_len)."""
-        c = self.config
-        p = self.head.weight
-        device = p.device if device is None else device
-        dtype = p.dtype if dtype is None else dtype
-
-        G = c.latent
-        n_kv, max_patches = G.n_kv_heads or G.n_heads, max_patches or c.max_seq_len
-        latent = [KVCache(B, n_kv, max_patches, G.dim // G.n_heads, device, dtype) for _ in range(G.n_layers)]
-        entropy = None
-        if c.patcher.needs_entropies:
-            entropy = self.entropy_model.new_cache(B, device=device, dtype=dtype)
-        rings = [_ring_caches(local, B, device, dtype, WindowedKVCache) for local in (c.encoder, c.decoder)]
-        return BLTCache(rings[0], latent, rings[1], entropy)
-
     # --- stages -------------------------------------------------------------------------------
     def inputs(self, ids: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
         """ids [B, T], modality [B] -> input stream [B, T]: the tag, then ids[:, :-1]."""
@@ -534,7 +304,7 @@ class BLT(ByteLM):
         self,
         x: torch.Tensor,
         positions: torch.Tensor | None = None,
-        caches: list[WindowedKVCache] | None = None,
+        caches: list[LayerCache] | None = None,
     ) -> list[torch.Tensor]:
         """Local encoder over embedded inputs [B, n, D_E] -> the states after each layer.
 
@@ -575,7 +345,7 @@ class BLT(ByteLM):
         self,
         patches: torch.Tensor,
         positions: torch.Tensor | None = None,
-        caches: list[KVCache] | None = None,
+        caches: list[LayerCache] | None = None,
     ) -> torch.Tensor:
         """Latent transformer, causal over patches: [B, P, D_G] -> normalised states [B, P, D_G].
 
@@ -598,7 +368,7 @@ class BLT(ByteLM):
         slots: torch.Tensor,
         patch_ids: torch.Tensor | None,
         positions: torch.Tensor | None = None,
-        caches: list[WindowedKVCache] | None = None,
+        caches: list[LayerCache] | None = None,
     ) -> torch.Tensor:
         """Local decoder: encoder states [B, n, D_E] of the inputs, slots [B, P*k, D_D] and the
         patch of every target [B, n] (byte t reads the slots of latent state patch_ids[t]) ->
@@ -610,7 +380,9 @@ class BLT(ByteLM):
             return kv_idx // k == patch_ids[b, q_idx]
 
         # no patch ids: one byte per row reading all k slots (incremental decoding)
-        cross_mask = None if patch_ids is None else prepare_mask(state_before_own_patch, B, n, slots.shape[1], slots.device)
+        cross_mask = None
+        if patch_ids is not None:
+            cross_mask = prepare_mask(state_before_own_patch, B, n, slots.shape[1], slots.device)
         self_mask = None if caches else _local_mask(self.config.decoder.window, n, enc_states.device)
         h = self.enc_to_dec(enc_states)
         for i, block in enumerate(self.dec_blocks):
@@ -635,232 +407,6 @@ class BLT(ByteLM):
         n_patches, n_bytes = patching.patch_counts(patch_ids, ids, self.config.pad_id)
         self.aux = {"num_patches": n_patches, "num_bytes": n_bytes}
         return logits
-
-    # --- incremental decoding -----------------------------------------------------------------
-    @property
-    def decode_block_size(self) -> int:
-        """Bytes per ``decode_block`` call (one CUDA graph replay in models/generate.py)."""
-        return DECODE_BLOCK
-
-    def new_state(
-        self, modality: torch.Tensor, max_len: int, dtype: torch.dtype | None = None, device_caches: bool = True
-    ) -> BLTState:
-        """Empty decoding state for rows with tags ``modality`` [B] (its device is used), able to
-        decode ``max_len`` positions. Cache ``dtype`` defaults to the weights'. The caches are
-        always the fixed-shape device kind (``device_caches`` is accepted for the common
-        signature of the backbones)."""
-        c = self.config
-        B, dev = modality.shape[0], modality.device
-        dtype = dtype or self.head.weight.dtype
-
-        G = c.latent
-        num_patches = torch.zeros(B, dtype=torch.long, device=dev)
-        capacity = min(max_len + 1, LATENT_MIN_CAPACITY)  # grown by reserve_patches
-        latent = [
-            RowKVCache(num_patches, G.n_kv_heads or G.n_heads, G.dim // G.n_heads, capacity, dtype)
-            for _ in range(G.n_layers)
-        ]
-        entropy = None
-        if c.patcher.needs_entropies:  # (max_len only sizes an entropy model without a window)
-            entropy = self.entropy_model.new_cache(B, max_len, device=dev, dtype=dtype, device_caches=True)
-        # An input patch spans at most as many inputs as the longest patch (PAD aside, which
-        # prefill refuses): the ring of encoder states that pooling reads needs no more. With
-        # a bound, the compiled steps see the same shapes for every sample length.
-        p = c.patcher
-        longest = min(p.patch_size, p.max_patch_len or p.patch_size) if p.kind == "strided" else p.max_patch_len
-        R = longest or max_len
-        H = max(max(c.hash_ngrams.sizes), 2)  # n-gram hashes and the patch rules look back this far
-        return BLTState(
-            modality=modality,
-            max_len=max_len,
-            pos=0,
-            t=torch.zeros((), dtype=torch.long, device=dev),
-            cache=BLTCache(
-                _ring_caches(c.encoder, B, dev, dtype, DeviceWindowedKVCache),
-                latent,
-                _ring_caches(c.decoder, B, dev, dtype, DeviceWindowedKVCache),
-                entropy,
-            ),
-            history=torch.full((B, H), -1, dtype=torch.long, device=dev),
-            enc_ring=[torch.zeros(B, R, c.encoder.dim, device=dev, dtype=dtype) for _ in self.enc_cross],
-            ring_pos=torch.full((R,), -1, dtype=torch.long, device=dev),
-            num_patches=num_patches,
-            open_start=torch.zeros_like(num_patches),
-            content_start=torch.zeros_like(num_patches),
-            entropy=torch.zeros(B, device=dev),
-            slots=torch.zeros(B, c.cross_attn_k, c.decoder.dim, device=dev, dtype=dtype),
-        )
-
-    @torch.no_grad()
-    def step(self, state: BLTState, prev: torch.Tensor | None) -> torch.Tensor:
-        """Logits [B, V] for position ``state.pos``, given ``prev`` [B] = the bytes at position
-        ``state.pos - 1`` (None exactly when ``state.pos == 0``; never PAD, unchecked here: a
-        sync per byte); advances ``state.pos`` by one.
-
-        The recipe of the module docstring, batched at fixed shapes: the entropy model and the
-        local encoder take input ``pos``; the latent model steps every row at its own patch
-        index and only the rows whose byte ``pos`` starts a patch keep the result; the local
-        decoder emits the logits.
-        """
-        t = state.pos
-        if (prev is None) != (t == 0):
-            raise ValueError(f"step at position {t}: prev must be {'None' if t == 0 else 'the byte at t-1 [B]'}")
-        if t >= state.max_len:
-            raise ValueError(f"state is full: max_len {state.max_len} positions decoded")
-        self.reserve_patches(state, t + 1)
-        logits = self._decode_step(state, state.modality if prev is None else prev)
-        state.pos = t + 1
-        return logits
-
-    def prepare_block(self, state: BLTState) -> bool:
-        """Host-side preparation of ``decode_block`` at ``state.pos`` (raises if it cannot run):
-        makes the latent caches hold its patches. True when they were reallocated, i.e. a CUDA
-        graph captured before must be captured again. Calling it again changes nothing."""
-        t, n = state.pos, self.decode_block_size
-        if t == 0:
-            raise ValueError("decode_block needs the byte before it: start with step or prefill")
-        if t + n > state.max_len:
-            raise ValueError(f"state is full: position {t} + block of {n} > max_len {state.max_len}")
-        return self.reserve_patches(state, t + n)
-
-    def decode_block(
-        self, state: BLTState, prev: torch.Tensor, sample: Callable[[torch.Tensor, int], torch.Tensor]
-    ) -> torch.Tensor:
-        """Decode ``decode_block_size`` bytes from ``state.pos``: byte j drawn by
-        ``sample(logits [B, V], j) -> ids [B]`` and fed to step j+1. ``prev`` [B]: the bytes at
-        ``state.pos - 1``. Returns the bytes [B, n] and advances ``state.pos`` by n.
-
-        After ``prepare_block`` the host does the same thing for every block, with no syncs and
-        fixed shapes: one CUDA graph captured on any block replays every later one until the
-        latent caches grow (``models/generate.py``)."""
-        self.prepare_block(state)
-        out = []
-        for j in range(self.decode_block_size):
-            prev = sample(self._decode_step(state, prev), j)
-            out.append(prev)
-        state.pos += self.decode_block_size
-        return torch.stack(out, 1)  # n x [B] -> [B, n]
-
-    def reserve_patches(self, state: BLTState, until: int) -> bool:
-        """Make the latent caches hold every patch the steps before position ``until`` may start
-        (each step starts at most one per row). The host keeps an upper bound of the patch
-        count and reads the true one (a sync) only when the bound exceeds the capacity; then
-        the caches grow by ``LATENT_GROWTH`` until they hold the bound, to at most max_len + 1
-        slots. True when they were reallocated."""
-        if until <= state.reserved_to:
-            return False
-        capacity, moved = state.cache.latent[0].capacity, False
-        bound = state.patch_bound + until - state.reserved_to
-        if bound > capacity:
-            bound = int(state.num_patches.max()) + until - state.pos
-            if bound > capacity:  # at most max_len + 1 slots: one patch per position, one throwaway
-                while capacity < bound:
-                    capacity = max(int(capacity * LATENT_GROWTH), capacity + 1)
-                capacity = min(capacity, state.max_len + 1)
-                for cache in state.cache.latent:
-                    cache.grow(capacity)
-                moved = True
-        state.patch_bound, state.reserved_to = bound, until
-        return moved
-
-    def _decode_step(self, state: BLTState, u: torch.Tensor) -> torch.Tensor:
-        """One position: input u [B] (the tag at position 0, else the previous byte) -> logits [B, V]."""
-        starts, pooled, enc = self.decode_front(state, u.contiguous())  # one layout for compiled steps
-        return self.decode_back(state, self.decode_latent(state, pooled), starts, enc)
-
-    def decode_front(self, state: BLTState, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Device work of a step before the latent model, at fixed shapes (a pipeline may
-        torch.compile it): the entropy model and the local encoder take input u [B] at
-        position ``t``; whether byte t starts a patch; the open input patch (inputs
-        ``open_start``..t) pooled. -> (starts [B] bool, pooled [B, 1, D_G], encoder state [B, 1, D_E])."""
-        c = self.config
-        t, hist = state.t, state.history
-        hist.copy_(torch.cat([hist[:, 1:], u[:, None].to(hist.dtype)], dim=1))  # [B, H]: newest last
-        entropy = None
-        if c.patcher.needs_entropies:
-            entropy = step_entropies(self.entropy_model, u[:, None], state.cache.entropy)[:, 0]
-        starts = self._starts(state, entropy)
-        n_max = max(c.hash_ngrams.sizes)
-        x = self.embed(hist[:, -1:], history=hist[:, hist.shape[1] - n_max : -1])  # [B, 1, D_E]
-        states = self.encode_bytes(x, caches=state.cache.encoder)
-        slot = (t % state.ring_pos.shape[0])[None]  # [1]
-        for ring, h in zip(state.enc_ring, states[-len(self.enc_cross) :]):
-            ring.index_copy_(1, slot, h.to(ring.dtype))
-        state.ring_pos.index_copy_(0, slot, t[None])
-        outside = (state.ring_pos[None, :] < state.open_start[:, None]).long()  # [B, R]: 0 = open patch
-        pooled = self.encode_patches(state.enc_ring, outside, 1)  # [B, 1, D_G]; id 1 is ignored
-        return starts, pooled, states[-1]
-
-    def decode_latent(self, state: BLTState, pooled: torch.Tensor) -> torch.Tensor:
-        """One latent step of every row at its own patch index, over the latent caches: pooled
-        [B, 1, D_G] -> [B, 1, D_G] (before the final norm). Its shapes follow the caches'
-        capacity (compilable with dynamic shapes: ``growing_steps``)."""
-        slot = state.num_patches
-        keys = state.cache.latent[0].slots
-        mask = AttentionMask(1, len(keys), dense=(keys <= slot[:, None])[:, None, None, :])  # [B, 1, 1, C]
-        x = pooled
-        for block, cache in zip(self.latent_blocks, state.cache.latent):
-            x = block(x, positions=slot[:, None], mask_mod=mask, causal=True, cache=cache)
-        return x
-
-    def decode_back(
-        self, state: BLTState, latent: torch.Tensor, starts: torch.Tensor, enc: torch.Tensor
-    ) -> torch.Tensor:
-        """Device work of a step after the latent model, at fixed shapes (compilable): the rows
-        that start a patch take its decoder slots and close their input patch; the local
-        decoder reads encoder state ``enc`` [B, 1, D_E] -> logits [B, V]; ``t`` advances."""
-        new = self.decoder_slots(self.latent_norm(latent))  # [B, k, D_D]
-        state.slots.copy_(torch.where(starts[:, None, None], new.to(state.slots.dtype), state.slots))
-        state.num_patches.add_(starts.long())
-        state.open_start.copy_(torch.where(starts, state.t + 1, state.open_start))
-        logits = self.decode(enc, state.slots, None, caches=state.cache.decoder)  # [B, 1, V]
-        state.t.add_(1)
-        return logits[:, 0]
-
-    def _starts(self, state: BLTState, entropy: torch.Tensor | None) -> torch.Tensor:
-        """Whether byte t starts a patch, per row [B] bool: ``patching.patch_starts`` evaluated
-        at its newest position only, from bytes < t and the entropy of byte t (device ops only)."""
-        p, t = self.config.patcher, state.t
-        B = state.history.shape[0]
-        if p.kind == "strided":
-            start = t % p.patch_size == 0
-            if p.max_patch_len is not None:
-                start = start | (t % p.patch_size % p.max_patch_len == 0)
-            return start.expand(B)
-        prev = torch.where(t >= 1, state.history[:, -1], -1)  # byte t-1 (input t); -1 before the start
-        prev2 = torch.where(t >= 2, state.history[:, -2], -1)  # byte t-2
-        if p.kind == "space":
-            start = patching.is_space_like(prev) & ~patching.is_space_like(prev2)
-        else:
-            score = entropy.float()
-            if p.kind == "entropy_relative":
-                score = score - state.entropy
-            state.entropy.copy_(entropy)
-            start = score > p.threshold
-        if p.split_after_special:
-            start = start | ((prev >= patching.NUM_BYTES) & (prev != p.pad_id))
-        not_after_pad = prev != p.pad_id
-        if p.first_patch_len_one:
-            start = start | (t == 1)
-        start = (start & not_after_pad) | (t == 0)
-        if p.max_patch_len is not None:
-            state.content_start.copy_(torch.where(start, t, state.content_start))
-            start = start | (((t - state.content_start) % p.max_patch_len == 0) & not_after_pad)
-        return start
-
-    @torch.no_grad()
-    def prefill(self, state: BLTState, ids: torch.Tensor) -> torch.Tensor:
-        """Feed a prompt ids [B, n] into a fresh state, one byte at a time; returns logits
-        [B, n+1, V] for positions 0..n and leaves ``state.pos = n + 1`` (next: ``step(state, byte_n)``)."""
-        if state.pos != 0:
-            raise ValueError(f"prefill needs a fresh state (pos 0), got pos {state.pos}")
-        n = ids.shape[1]
-        if n + 1 > state.max_len:
-            raise ValueError(f"prompt of {n} bytes needs max_len >= {n + 1}, state has {state.max_len}")
-        if bool((ids == self.config.pad_id).any()):  # no max-length cut after a PAD: the ring would overflow
-            raise ValueError(f"prompt holds PAD ({self.config.pad_id}): padding is never inside a stream")
-        out = [self.step(state, None if t == 0 else ids[:, t - 1]) for t in range(n + 1)]
-        return torch.stack(out, dim=1)
 
     # --- accounting ---------------------------------------------------------------------------
     def num_params(self, exclude_embeddings: bool = False) -> int:

@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 
 from .base import ByteLM
-from .transformer import Transformer, TransformerCache, TransformerConfig, transformer_preset
+from .kv_cache import TransformerCache
+from .transformer import Transformer, TransformerConfig, transformer_preset
 
 
 def entropy_model_config(**overrides) -> TransformerConfig:

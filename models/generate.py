@@ -6,16 +6,17 @@ the prompts goes through the backbone's ``prefill`` in one call; after it, a row
 longer is teacher-forced (its prompt byte is fed instead of the sample) while the other rows
 sample. Rows never see each other, so this equals decoding each row on its own.
 
-Each backbone decodes incrementally through a small decoder object with two calls,
-``prefill(ids [B, n]) -> logits [B, n+1, V]`` and ``step(prev [B]) -> logits [B, V]``:
+Every backbone decodes through the protocol of ``models/base.py``, wrapped in a small decoder
+object with two calls, ``prefill(ids [B, n]) -> logits [B, n+1, V]`` and ``step(prev [B]) ->
+logits [B, V]``:
 
-* flat transformer: ``new_cache`` / ``prefill`` / ``forward_step`` (per-layer KV caches);
-* MEGABYTE and BLT: ``new_state`` / ``prefill`` / ``step`` on the model (MEGABYTE: global model
-  once per patch, local model once per byte; BLT: every stage once per byte, the latent step
-  kept only by the rows that close a patch; see their modules);
-* MEGABYTE and BLT, once no row is inside its prompt (and at a multiple of the block):
-  ``prepare_block`` / ``decode_block``, a block of bytes per call with sampling inside (MEGABYTE:
-  one patch; BLT: 16 bytes), which on CUDA is one replay of a captured CUDA graph;
+* every backbone: ``new_state`` / ``prefill`` / ``step`` on the model (flat transformer: per-layer
+  KV caches; MEGABYTE: global model once per patch, local model once per byte; BLT: every stage
+  once per byte, the latent step kept only by the rows that close a patch; see their modules);
+* block decoders (``decode_block_size`` set: MEGABYTE and BLT), once no row is inside its prompt
+  (and at a multiple of the block): ``new_block_state`` / ``prepare_block`` / ``decode_block``, a
+  block of bytes per call with sampling inside (MEGABYTE: one patch; BLT: 16 bytes), which on
+  CUDA is one replay of a captured CUDA graph;
 * ``use_cache=False``: every step reruns the full forward over the whole prefix — the reference
   that tests compare the caches against and ``polybyte bench --what sample`` times.
 
@@ -26,14 +27,14 @@ while ``stop_at_eos``, so fixed-size payloads such as images always come out who
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from .base import ByteLM
+from .tokens import EOS, NUM_BYTES
 
-NUM_BYTES = 256  # ids 0..255 are bytes
-EOS_ID = 257  # end of sample; the other ids >= 256 are PAD and tags, never sampled
+# Only bytes and EOS are ever sampled: PAD and the tags never are
 CHECK_EVERY = 32  # steps between host syncs that test whether every row has stopped at EOS
 
 
@@ -111,7 +112,7 @@ def generate(
     row_end = prompt_len + max_bytes  # a row is done at this position, or after sampling EOS
     allowed = torch.zeros(vocab, dtype=torch.bool, device=device)
     allowed[:NUM_BYTES] = True
-    allowed[EOS_ID] = stop_at_eos
+    allowed[EOS] = stop_at_eos
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
@@ -121,7 +122,7 @@ def generate(
         dec = make_decoder(model, modality, total, use_cache=use_cache, cuda_graphs=cuda_graphs, sample=sample)
         finished = torch.zeros(B, dtype=torch.bool, device=device)  # sampled EOS already
         reported = shortest  # position up to which progress was reported
-        block = getattr(dec, "block", 0)  # bytes per decode_block call (MEGABYTE: one patch)
+        block = dec.block  # bytes per decode_block call (MEGABYTE: one patch); 0: none
 
         def checkpoint(t: int) -> bool:
             """Report progress up to position t; True when every row is done."""
@@ -141,7 +142,7 @@ def generate(
                 nxt = torch.where(prompt_len > t, ids[:, t], nxt)
             ids[:, t] = nxt
             if stop_at_eos:
-                finished |= (nxt == EOS_ID) & (prompt_len <= t)
+                finished |= (nxt == EOS) & (prompt_len <= t)
             t += 1
             done = (t == total or (t - shortest) % CHECK_EVERY == 0) and checkpoint(t)
             if done or (block and t >= longest and t % block == 0):
@@ -155,7 +156,7 @@ def generate(
                 n = min(block, total - t)  # the last block may run past total: dropped
                 ids[:, t : t + n] = out[:, :n]
                 if stop_at_eos:
-                    finished |= (out == EOS_ID).any(-1)
+                    finished |= (out == EOS).any(-1)
                 t += n
                 if t == total:
                     break
@@ -164,8 +165,8 @@ def generate(
     out = []
     for i, row in enumerate(ids[:, :t].tolist()):
         new = row[lengths[i] : lengths[i] + max_bytes]
-        if EOS_ID in new:
-            new = new[: new.index(EOS_ID)]
+        if EOS in new:
+            new = new[: new.index(EOS)]
         out.append(new)
     return out
 
@@ -240,21 +241,18 @@ def make_decoder(
 
     Returns an object with ``prefill(ids [B, n]) -> logits [B, n+1, V]`` (call once, first; n may
     be 0) and ``step(prev [B]) -> logits [B, V]`` (the next position, given the byte just fixed).
-    Backbones with ``decode_block`` (MEGABYTE, BLT), given a sampler ``sample``, also decode a
-    block of bytes per call (sampling included): ``block`` = the model's ``decode_block_size``
-    and ``decode_block(prev [B]) -> bytes [B, block]``, from a CUDA graph on CUDA when ``cuda_graphs``.
+    Block decoders (``model.decode_block_size`` set: MEGABYTE, BLT), given a sampler ``sample``,
+    also decode a block of bytes per call (sampling included): ``block`` = the model's
+    ``decode_block_size`` (0 for the others) and ``decode_block(prev [B]) -> bytes [B, block]``,
+    from a CUDA graph on CUDA when ``cuda_graphs``.
     """
     if not use_cache:
         return _FullForward(model, modality, max_len)
-    if hasattr(model, "decode_block") and sample is not None:
+    if model.decode_block_size is not None and sample is not None:
         if cuda_graphs and modality.device.type == "cuda":
             return _BlockGraph(model, modality, max_len, sample)
         return _Blocks(model, modality, max_len, sample)
-    if hasattr(model, "new_state"):
-        return _Stateful(model, modality, max_len)
-    if hasattr(model, "new_cache"):
-        return _Flat(model, modality, max_len)
-    raise ValueError(f"{type(model).__name__} has no incremental decoding (new_state or new_cache)")
+    return _Stateful(model, modality, max_len)
 
 
 def _cache_dtype(model: ByteLM) -> torch.dtype:
@@ -265,27 +263,18 @@ def _cache_dtype(model: ByteLM) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
-class _Flat:
-    """Flat transformer: one KV cache per layer over the input stream [tag, b0, b1, ...]."""
-
-    def __init__(self, model, modality: torch.Tensor, max_len: int) -> None:
-        self.model, self.modality = model, modality
-        self.cache = model.new_cache(len(modality), max_len + 1, dtype=_cache_dtype(model))
-
-    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model.prefill(ids, self.modality, self.cache)
-
-    def step(self, prev: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_step(prev[:, None], self.cache)[:, 0]
-
-
 class _Stateful:
-    """Backbones with ``new_state(modality, max_len, dtype)``, ``prefill(state, ids)`` and
-    ``step(state, prev)`` (MEGABYTE, BLT)."""
+    """Any backbone, one position per call: ``new_state``, ``prefill(state, ids)``, ``step(state, prev)``."""
 
-    def __init__(self, model, modality: torch.Tensor, max_len: int, **state_options) -> None:
+    block = 0  # no block decoding
+
+    def __init__(self, model: ByteLM, modality: torch.Tensor, max_len: int) -> None:
         self.model = model
-        self.state = model.new_state(modality, max_len, dtype=_cache_dtype(model), **state_options)
+        self.state = self._new_state(model, modality, max_len)
+
+    @staticmethod
+    def _new_state(model: ByteLM, modality: torch.Tensor, max_len: int):
+        return model.new_state(modality, max_len, dtype=_cache_dtype(model))
 
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.prefill(self.state, ids)
@@ -298,15 +287,19 @@ class _Blocks(_Stateful):
     """MEGABYTE and BLT after the prompt: ``decode_block_size`` bytes per ``decode_block`` call
     (the model's ``prepare_block`` then ``decode_block``, sampling included; MEGABYTE: one
     patch). The state is sized to whole blocks: the last one may run past ``max_len``
-    (dropped), and its caches have fixed shapes (``device_caches``: what CUDA graphs and
-    torch.compile need). The block's sampling noise [n, B, V] is drawn at once into a buffer
+    (dropped), and it is the model's ``new_block_state``, whose caches have fixed shapes (what
+    CUDA graphs and torch.compile need). The block's sampling noise [n, B, V] is drawn at once into a buffer
     (a CUDA graph's input)."""
 
     def __init__(self, model, modality: torch.Tensor, max_len: int, sample: _Sampler) -> None:
         self.block = n = model.decode_block_size
-        super().__init__(model, modality, -(-max_len // n) * n, device_caches=True)
+        super().__init__(model, modality, -(-max_len // n) * n)
         self.sample = sample
         self.noise = torch.zeros(n, len(modality), model.config.vocab_size, device=modality.device, dtype=torch.float32)
+
+    @staticmethod
+    def _new_state(model: ByteLM, modality: torch.Tensor, max_len: int):
+        return model.new_block_state(modality, max_len, dtype=_cache_dtype(model))
 
     def decode_block(self, prev: torch.Tensor) -> torch.Tensor:
         # host-side checks and cache growth before anything runs (a graph replay does neither)
@@ -375,13 +368,15 @@ def _autocast_without_cache():
 class _FullForward:
     """No cache: every position reruns ``model(ids, modality)`` over the whole prefix.
 
-    The prefix is PAD-filled up to a multiple of the backbone's fixed patch size (MEGABYTE needs
+    The prefix is PAD-filled up to a multiple of the backbone's ``seq_multiple`` (MEGABYTE needs
     whole patches); causality makes the padding invisible to the logits read.
     """
 
+    block = 0  # no block decoding
+
     def __init__(self, model, modality: torch.Tensor, max_len: int) -> None:
         self.model, self.modality = model, modality
-        self.multiple = getattr(model.config, "patch_size", 1)
+        self.multiple = model.seq_multiple
         padded = -(-max_len // self.multiple) * self.multiple
         self.ids = torch.full((len(modality), padded), model.config.pad_id, dtype=torch.long, device=modality.device)
         self.t = 0  # position whose logits the next call returns

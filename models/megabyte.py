@@ -17,36 +17,23 @@ Data flow for ids [B, T] (T = K·P):
    the previous patch's last r keys/values of that layer.
 5. RMSNorm + linear head -> logits [B, T, V].
 
-Incremental decoding (for generation): ``new_state`` / ``step`` / ``prefill``. The global model
-runs once per patch with its own KV cache; the local model runs once per byte with a KV cache
-that is reset at each patch boundary (pre-filled with the previous patch's last r keys/values
-when cross-patch attention is on). Logits equal the full forward's (tested to 1e-5 in fp32).
+Incremental decoding (for generation): ``models/megabyte_decoding.py``, a mixin of `Megabyte`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from . import flops
-from .base import ByteLM, ByteLMConfig, register_backbone
-from .layers import (
-    FLEX_BLOCK,
-    Block,
-    DeviceKVCache,
-    KVCache,
-    RMSNorm,
-    RoPE,
-    block_diagonal_mask,
-    init_normal,
-    init_residual_projections,
-    prepare_mask,
-    use_flex,
-)
+from . import flops, tokens
+from .base import ByteLM, ByteLMConfig
+from .kv_cache import LayerCache
+from .layers import Block, RMSNorm, RoPE, init_normal, init_residual_projections
+from .masks import FLEX_BLOCK, block_diagonal_mask, prepare_mask, use_flex
+from .megabyte_decoding import MegabyteDecoding
 
 
 @dataclasses.dataclass
@@ -76,8 +63,8 @@ class MegabyteConfig(ByteLMConfig):
     # in the backward pass (about a third more compute for far less activation memory; what lets
     # million-byte windows train on one GPU, configs/text-megabyte-1m.yaml).
     activation_checkpointing: bool = False
-    first_tag_id: int = 258  # id of the first modality tag (258 text, 259 image, 260 audio, ...)
-    num_tags: int = 6  # modality tags first_tag_id .. first_tag_id+num_tags-1 get a pad patch each
+    first_tag_id: int = tokens.FIRST_TAG  # id of the first modality tag (258 text, 259 image, 260 audio, ...)
+    num_tags: int = tokens.NUM_TAGS  # modality tags first_tag_id .. first_tag_id+num_tags-1 get a pad patch each
     norm_eps: float = 1e-5  # RMSNorm epsilon
     # Std of the normal init of every weight; residual output projections (attention wo, MLP w2)
     # are scaled by 1/sqrt(2·layers) of their decoder (GPT-2), norms start at 1.
@@ -121,29 +108,11 @@ PRESETS: dict[str, MegabyteConfig] = {
 }  # fmt: skip
 
 
-@dataclasses.dataclass
-class MegabyteState:
-    """Incremental-decoding state of a batch; create with ``Megabyte.new_state``.
 
-    ``pos`` is the position whose logits the next ``step`` returns; every row is at the same
-    position (prompts of different lengths are teacher-forced by the caller).
-    """
-
-    modality: torch.Tensor  # [B] modality tag ids
-    max_len: int  # most positions this state can decode
-    pos: int  # next position to emit logits for
-    global_caches: list[KVCache]  # one per global layer: ceil(max_len / P) patches, max_seq_len / P for DeviceKVCaches
-    local_caches: list[KVCache]  # one per local layer, r + P bytes; reset every patch
-    patch_bytes: torch.Tensor  # [B, P] ids of the patch being decoded (global input of the next)
-    local_cond: torch.Tensor  # [B, P, D_L] projected global output for the current patch (updated in place)
-    layer_inputs: torch.Tensor | None  # [L_local, B, P, D_L] local layer inputs (cross-patch only)
-
-
-@register_backbone("megabyte", MegabyteConfig)
-class Megabyte(ByteLM):
+class Megabyte(MegabyteDecoding, ByteLM):
     """MEGABYTE byte LM; see the module docstring for the architecture."""
 
-    compilable_steps = ("decode_global", "decode_local")
+    backbone = "megabyte"  # registry name (models/__init__.py)
 
     def __init__(self, config: MegabyteConfig) -> None:
         super().__init__()
@@ -168,6 +137,10 @@ class Megabyte(ByteLM):
         self.local_norm = RMSNorm(Dl, eps=c.norm_eps)
         self.head = nn.Linear(Dl, c.vocab_size, bias=False)
         self._init_weights()
+
+    @property
+    def seq_multiple(self) -> int:
+        return self.config.patch_size
 
     def _init_weights(self) -> None:
         std = self.config.init_std
@@ -213,7 +186,7 @@ class Megabyte(ByteLM):
             h = h + self.pos_embed.weight[start : start + T]
         return h.reshape(B, T // self.config.patch_size, -1)  # [B, T, D_G] -> [B, T/P, P*D_G]
 
-    def _run_global(self, x: torch.Tensor, caches: list[KVCache] | None) -> torch.Tensor:
+    def _run_global(self, x: torch.Tensor, caches: list[LayerCache] | None) -> torch.Tensor:
         """Global decoder on patch inputs x [B, n, P·D_G] at patch positions 0.. (no caches) or
         continuing the caches; returns the projected conditioning [B, n, P, D_L]."""
         B, n, _ = x.shape
@@ -336,186 +309,6 @@ class Megabyte(ByteLM):
         per_byte = sum(flops.linear_flops(mod) for mod in (self.proj, self.local_blocks, self.head))
         loc = T * per_byte + c.local_layers * flops.attention_flops(local_pairs, c.local_dim)
         return flops.training_flops((glob + loc) / T)
-
-    # --- incremental decoding -----------------------------------------------------------------
-    def new_state(
-        self,
-        modality: torch.Tensor,
-        max_len: int,
-        dtype: torch.dtype | None = None,
-        device_caches: bool = False,
-    ) -> MegabyteState:
-        """Empty decoding state for a batch of rows with tags ``modality`` [B] (its device is used),
-        able to decode ``max_len`` positions. ``dtype`` of the caches defaults to the weights'.
-        ``device_caches``: every cache keeps its fill level on the device (``DeviceKVCache``):
-        each step then has fixed shapes and addresses, so one captured CUDA graph (or one
-        torch.compile'd function) serves every patch and byte; attention masks the empty slots."""
-        c = self.config
-        B = modality.shape[0]
-        self._tag_index(modality, B)
-        if max_len > c.max_seq_len:
-            raise ValueError(f"max_len {max_len} exceeds max_seq_len {c.max_seq_len}")
-        dev, dtype = modality.device, dtype or self.head.weight.dtype
-        P, r = c.patch_size, c.cross_patch_r
-
-        def caches(blocks, n):
-            kind = DeviceKVCache if device_caches else KVCache
-            return [kind(B, b.attn.n_kv_heads, n, b.attn.head_dim, dev, dtype) for b in blocks]
-
-        layer_inputs = torch.zeros(c.local_layers, B, P, c.local_dim, device=dev, dtype=dtype) if r else None
-        return MegabyteState(
-            modality=modality,
-            max_len=max_len,
-            pos=0,
-            # device caches are sized to the model's longest window, so that their shapes (and
-            # a compiled step) are the same whatever the sample length
-            global_caches=caches(self.global_blocks, c.max_seq_len // P if device_caches else -(-max_len // P)),
-            local_caches=caches(self.local_blocks, r + P),
-            patch_bytes=torch.full((B, P), c.pad_id, dtype=torch.long, device=dev),
-            local_cond=torch.zeros(B, P, c.local_dim, device=dev, dtype=dtype),
-            layer_inputs=layer_inputs,
-        )
-
-    @torch.no_grad()
-    def step(self, state: MegabyteState, prev: torch.Tensor | None) -> torch.Tensor:
-        """Logits [B, V] for position ``state.pos``, given ``prev`` [B] = the bytes at position
-        ``state.pos - 1`` (None exactly when ``state.pos == 0``); advances ``state.pos`` by one.
-        At a patch boundary the global decoder runs once for the new patch."""
-        c = self.config
-        P, t = c.patch_size, state.pos
-        if (prev is None) != (t == 0):
-            want = "None" if t == 0 else "the bytes at position t-1, [B]"
-            raise ValueError(f"step at position t={t}: prev must be {want}")
-        if t >= state.max_len:
-            raise ValueError(f"state is full: max_len {state.max_len} positions decoded")
-        j = t % P
-        if prev is not None:
-            state.patch_bytes[:, (t - 1) % P] = prev
-        if j == 0:
-            self.start_patch(state, t // P)
-        state.pos = t + 1
-        return self.local_step(state, j, prev)
-
-    @property
-    def decode_block_size(self) -> int:
-        """Bytes per ``decode_block`` call: one patch."""
-        return self.config.patch_size
-
-    def decode_block(
-        self, state: MegabyteState, prev: torch.Tensor, sample: Callable[[torch.Tensor, int], torch.Tensor]
-    ) -> torch.Tensor:
-        """Decode the whole patch that starts at ``state.pos`` (a multiple of P, not 0): the global
-        step once, then P local steps, byte j drawn by ``sample(logits [B, V], j) -> ids [B]`` and
-        fed to step j+1. ``prev`` [B]: the bytes at ``state.pos - 1``. Returns the patch's bytes
-        [B, P] and advances ``state.pos`` by P.
-
-        The host does the same thing for every patch, and with ``device_caches`` (see
-        ``new_state``) every tensor it touches has a fixed address and shape, so one CUDA graph
-        captured on any patch replays every later one (``models/generate.py``)."""
-        self.prepare_block(state)
-        out = []
-        for j in range(self.config.patch_size):
-            prev = sample(self.step(state, prev), j)
-            out.append(prev)
-        return torch.stack(out, 1)  # P x [B] -> [B, P]
-
-    def prepare_block(self, state: MegabyteState) -> bool:
-        """Raise unless ``decode_block`` can run at ``state.pos`` (host-side, no sync). Returns
-        False: nothing is reallocated (a captured CUDA graph stays valid)."""
-        P, t = self.config.patch_size, state.pos
-        if t == 0 or t % P:
-            raise ValueError(f"decode_block starts at a patch boundary after patch 0, got position {t} (P={P})")
-        if t + P > state.max_len:
-            raise ValueError(f"state is full: position {t} + patch of {P} > max_len {state.max_len}")
-        return False
-
-    def local_step(self, state: MegabyteState, j: int, prev: torch.Tensor | None) -> torch.Tensor:
-        """The local decoder's step at in-patch position j: logits [B, V]."""
-        r = self.config.cross_patch_r
-        cond = state.local_cond[:, j : j + 1]  # [B, 1, D_L]
-        emb = self.pad_byte.expand_as(cond) if j == 0 else self.local_embed(prev)[:, None]
-        x = (emb + cond).to(cond.dtype)  # [B, 1, D_L]
-        pos = torch.arange(r + j, r + j + 1, device=x.device)
-        logits, inputs = self.decode_local(x, pos, state.local_caches)
-        if r:  # kept for the next patch's cross-patch tail
-            state.layer_inputs[:, :, j] = inputs
-        return logits
-
-    def decode_local(
-        self, x: torch.Tensor, positions: torch.Tensor, caches: list[KVCache]
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Device work of one local step: x [B, 1, D_L] at local positions [1] -> (logits [B, V],
-        every layer's input [L_local, B, D_L] with cross-patch attention, else None). With
-        DeviceKVCaches its shapes never change: a pipeline may torch.compile it."""
-        inputs = []
-        for blk, cache in zip(self.local_blocks, caches):
-            inputs.append(x[:, 0])
-            x = blk(x, positions=positions, causal=False, cache=cache)
-        logits = self.head(self.local_norm(x))[:, 0]
-        return logits, (torch.stack(inputs) if self.config.cross_patch_r else None)
-
-    def decode_global(self, x: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
-        """Device work of one global step: patch input x [B, 1, P·D_G] -> conditioning
-        [B, P, D_L] of the next patch's bytes. Fixed shapes with DeviceKVCaches (see decode_local)."""
-        return self._run_global(x, caches)[:, 0]
-
-    def start_patch(self, state: MegabyteState, k: int) -> None:
-        """Run the global decoder for patch k (its input is patch k-1) and reset the local caches."""
-        P = self.config.patch_size
-        if k == 0:
-            tag = state.modality - self.config.first_tag_id  # checked by new_state
-            x = self.pad_patch[tag][:, None]  # [B, 1, P*D_G]
-        else:
-            cache = state.global_caches[0]
-            # a DeviceKVCache holds k on the device: a captured graph replays for every patch
-            start = (cache.next_pos - 1) * P if cache.static_shape else (k - 1) * P
-            x = self._embed_patches(state.patch_bytes, start)
-        state.local_cond.copy_(self.decode_global(x, state.global_caches))  # [B, P, D_L]
-        self._reset_local(state, k)
-
-    def _reset_local(self, state: MegabyteState, k: int) -> None:
-        r, P = self.config.cross_patch_r, self.config.patch_size
-        for i, (blk, cache) in enumerate(zip(self.local_blocks, state.local_caches)):
-            cache.reset()
-            if r and k > 0:
-                # keys/values of the previous patch's last r bytes, at local positions 0..r-1
-                attn = blk.attn
-                h = blk.attn_norm(state.layer_inputs[i, :, P - r :])  # [B, r, D_L]
-                B = h.shape[0]
-                # [B, r, Hkv*Dh] -> [B, Hkv, r, Dh]
-                keys, vals = attn.project_kv(h)
-                keys = keys.view(B, r, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
-                vals = vals.view(B, r, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
-                if attn.rope is not None:
-                    keys = attn.rope(keys, torch.arange(r, device=h.device))
-                cache.update(keys, vals)
-
-    @torch.no_grad()
-    def prefill(self, state: MegabyteState, ids: torch.Tensor) -> torch.Tensor:
-        """Feed a prompt ids [B, n] into a fresh state; returns logits [B, n+1, V] for positions
-        0..n (the last one predicts the first new byte) and leaves ``state.pos = n + 1``, so the
-        next call is ``step(state, byte_n)``. Equal to ``step`` called n+1 times; complete
-        patches go through the full forward at once."""
-        if state.pos != 0:
-            raise ValueError(f"prefill needs a fresh state (pos 0), got pos {state.pos}")
-        B, n = ids.shape
-        P = self.config.patch_size
-        full = (n // P) * P  # bytes in complete patches before the patch holding position n
-        if n + 1 > state.max_len:
-            raise ValueError(f"prompt of {n} bytes needs max_len >= {n + 1}, state has {state.max_len}")
-        out = []
-        if full:
-            keep = self.config.cross_patch_r > 0
-            logits, kept = self._forward(ids[:, :full], state.modality, state.global_caches, keep)
-            out.append(logits)
-            K = full // P
-            state.patch_bytes.copy_(ids[:, full - P : full])
-            if kept is not None:  # layer inputs of the last complete patch: [L, B*K, P, D_L]
-                state.layer_inputs.copy_(kept.view(len(kept), B, K, P, -1)[:, :, -1])
-            state.pos = full
-        for t in range(full, n + 1):
-            out.append(self.step(state, None if t == 0 else ids[:, t - 1])[:, None])
-        return torch.cat(out, 1)
 
 
 def _cross_patch_mask(r: int, K: int):

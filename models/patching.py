@@ -48,7 +48,8 @@ import math
 
 import torch
 
-NUM_BYTES = 256  # ids 0..255 are byte values; ids >= 256 are specials (PAD, EOS, tags)
+from .tokens import NUM_BYTES, PAD
+
 KINDS = ("strided", "space", "entropy", "entropy_relative")
 
 
@@ -66,7 +67,7 @@ class PatcherConfig:
     max_patch_len: int | None = None  # cut patches longer than this (None: no limit)
     first_patch_len_one: bool = True  # byte 0 alone in patch 0 (content-based kinds)
     split_after_special: bool = True  # the byte after EOS / a tag starts a patch (content-based)
-    pad_id: int = 256  # padding id: never starts a patch after itself (content-based kinds)
+    pad_id: int = PAD  # padding id: never starts a patch after itself (content-based kinds)
     # Fixed patch capacity for the full forward (training, scoring): every row gets
     # ceil(max_patches_ratio · T / patch_size) patch slots, rounded up to a multiple of 64 and at
     # most T, so shapes never depend on the data (no host sync; torch.compile compiles once).
@@ -117,20 +118,16 @@ def patch(
 def patch_starts(
     ids: torch.Tensor, config: PatcherConfig, entropies: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """ids [B, T] -> starts bool [B, T] (True where a byte begins a patch)."""
+    """ids [B, T] -> starts bool [B, T] (True where a byte begins a patch): ``start_rule`` and
+    ``max_len_cut`` at every position of the row at once."""
     if ids.dim() != 2 or ids.shape[1] == 0:
         raise ValueError(f"ids must be [B, T] with T >= 1, got shape {tuple(ids.shape)}")
     B, T = ids.shape
     pos = torch.arange(T, device=ids.device)
-    if config.kind == "strided":
-        starts = (pos % config.patch_size == 0).expand(B, T).clone()
-        return _cut_long(starts, config.max_patch_len, allowed=None)
-
     prev = _shift_right(ids, 1, fill=-1)  # prev[:, p] = ids[:, p-1]; -1 before the row
-    if config.kind == "space":
-        space = is_space_like(ids)
-        starts = _shift_right(space, 1, fill=False) & ~_shift_right(space, 2, fill=False)
-    else:
+    prev2 = _shift_right(ids, 2, fill=-1)
+    score = None
+    if config.needs_entropies:
         if entropies is None:
             raise ValueError(f"{config.kind} patching needs entropies [B, T] from the entropy model")
         if entropies.shape != ids.shape:
@@ -138,15 +135,52 @@ def patch_starts(
         score = entropies.float()
         if config.kind == "entropy_relative":  # H[p] - H[p-1]; p = 0 is a start anyway
             score = score - _shift_right(score, 1, fill=0.0)
+    starts = torch.broadcast_to(start_rule(config, pos, prev, prev2, score), (B, T)).contiguous()
+    if config.max_patch_len is None:
+        return starts
+    last_start = torch.where(starts, pos, torch.zeros_like(pos)).cummax(dim=1).values  # [B, T]
+    return starts | max_len_cut(config, pos, last_start, prev)
+
+
+def start_rule(
+    config: PatcherConfig,
+    pos: torch.Tensor,
+    prev: torch.Tensor,
+    prev2: torch.Tensor,
+    score: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Whether position ``pos`` starts a patch by every rule but the max-length cut.
+
+    The one statement of the rules (module docstring), used for a whole row by ``patch_starts``
+    and for one position at a time by BLT's decoding (``blt_decoding``): ``pos`` the position(s),
+    ``prev`` / ``prev2`` the ids at pos-1 / pos-2 (-1 before the row), ``score`` the entropy of
+    the byte at pos (entropy) or its increase over pos-1 (entropy_relative). Shapes broadcast:
+    [T] positions with [B, T] ids, or a 0-dim position with [B] ids. It reads no byte >= pos.
+    """
+    if config.kind == "strided":
+        return pos % config.patch_size == 0
+    if config.kind == "space":
+        starts = is_space_like(prev) & ~is_space_like(prev2)
+    else:
+        if score is None:
+            raise ValueError(f"{config.kind} patching needs entropies from the entropy model")
         starts = score > config.threshold
     if config.split_after_special:
-        starts |= (prev >= NUM_BYTES) & (prev != config.pad_id)
-    if config.first_patch_len_one and T > 1:
-        starts[:, 1] = True
-    not_after_pad = prev != config.pad_id
-    starts &= not_after_pad
-    starts[:, 0] = True
-    return _cut_long(starts, config.max_patch_len, allowed=not_after_pad)
+        starts = starts | ((prev >= NUM_BYTES) & (prev != config.pad_id))
+    if config.first_patch_len_one:
+        starts = starts | (pos == 1)
+    return (starts & (prev != config.pad_id)) | (pos == 0)
+
+
+def max_len_cut(
+    config: PatcherConfig, pos: torch.Tensor, last_start: torch.Tensor, prev: torch.Tensor
+) -> torch.Tensor:
+    """The max-length cut at ``pos``: ``max_patch_len`` positions after ``last_start``, the last
+    start by ``start_rule`` at or before pos (content-based kinds: not right after a PAD)."""
+    cut = (pos - last_start) % config.max_patch_len == 0
+    if config.kind != "strided":
+        cut = cut & (prev != config.pad_id)
+    return cut
 
 
 def is_space_like(ids: torch.Tensor) -> torch.Tensor:
@@ -163,19 +197,6 @@ def _shift_right(x: torch.Tensor, k: int, fill) -> torch.Tensor:
     if k < x.shape[1]:
         out[:, k:] = x[:, :-k]
     return out
-
-
-def _cut_long(starts: torch.Tensor, max_len: int | None, allowed: torch.Tensor | None) -> torch.Tensor:
-    """Add starts so that no patch is longer than max_len (counted from each patch's start)."""
-    if max_len is None:
-        return starts
-    B, T = starts.shape
-    pos = torch.arange(T, device=starts.device).expand(B, T)
-    last_start = torch.where(starts, pos, torch.zeros_like(pos)).cummax(dim=1).values
-    cut = (pos - last_start) % max_len == 0
-    if allowed is not None:
-        cut &= allowed
-    return starts | cut
 
 
 # --- conversions ------------------------------------------------------------------------------
@@ -222,7 +243,7 @@ def lengths_to_starts(lengths: torch.Tensor, seq_len: int | None = None) -> torc
 
 # --- statistics and threshold search ----------------------------------------------------------
 def patch_counts(
-    patch_ids: torch.Tensor, ids: torch.Tensor, pad_id: int = 256
+    patch_ids: torch.Tensor, ids: torch.Tensor, pad_id: int = PAD
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(number of patches holding at least one non-PAD byte, number of non-PAD bytes), as 0-dim tensors.
 

@@ -8,12 +8,12 @@ with the tag in front, so ``logits[:, t]`` predicts ``ids[:, t]`` from the tag a
 Attention is causal through SDPA's ``is_causal`` (flash / cuDNN kernels on CUDA), or a causal
 sliding window through FlexAttention when ``window`` is set (BLT's entropy model).
 
-Incremental decoding (used by ``models/generate.py``) works on the *input* stream
-``[tag, b0, b1, ...]``::
+Incremental decoding: the protocol of ``models/base.py`` (``new_state`` / ``prefill`` / ``step``)
+over per-layer KV caches of the *input* stream ``[tag, b0, b1, ...]``; underneath it, and for
+BLT's entropy model::
 
-    cache = model.new_cache(B, max_len)               # per-layer KV caches
-    logits = model.prefill(prompt, modality, cache)   # [B, n+1, V]; last row: next byte
-    logits = model.forward_step(next_byte[:, None], cache)  # [B, 1, V]
+    cache = model.new_cache(B, max_len)                      # per-layer KV caches
+    logits = model.forward_step(tokens [B, n], cache)        # [B, n, V]: any chunk of the stream
 
 Every logit equals the full forward's at the same position.
 """
@@ -25,22 +25,11 @@ import dataclasses
 import torch
 from torch import nn
 
-from .base import ByteLM, ByteLMConfig, register_backbone
+from .base import ByteLM, ByteLMConfig, DecodingState
 from .flops import attention_flops, attention_pairs, linear_flops, training_flops
-from .layers import (
-    init_normal,
-    init_residual_projections,
-    AttentionMask,
-    Block,
-    DeviceKVCache,
-    DeviceWindowedKVCache,
-    KVCache,
-    RMSNorm,
-    RoPE,
-    WindowedKVCache,
-    prepare_mask,
-    sliding_window_mask,
-)
+from .kv_cache import DeviceKVCache, DeviceWindowedKVCache, KVCache, TransformerCache, WindowedKVCache
+from .layers import Block, RMSNorm, RoPE, init_normal, init_residual_projections
+from .masks import AttentionMask, prepare_mask, sliding_window_mask
 
 
 @dataclasses.dataclass
@@ -82,24 +71,18 @@ PRESETS: dict[str, dict] = {
 }
 
 
-class TransformerCache:
-    """KV caches of every layer of one Transformer; ``length`` = input tokens consumed."""
+@dataclasses.dataclass
+class TransformerState(DecodingState):
+    """Decoding state of a batch (``Transformer.new_state``): the caches of the input stream
+    ``[tag, b0, b1, ...]``; ``pos`` = input tokens consumed."""
 
-    def __init__(self, layers: list[KVCache | WindowedKVCache]) -> None:
-        self.layers = layers
-
-    @property
-    def length(self) -> int:
-        return self.layers[0].length
-
-    def reset(self) -> None:
-        for c in self.layers:
-            c.reset()
+    cache: TransformerCache
 
 
-@register_backbone("transformer", TransformerConfig)
 class Transformer(ByteLM):
     """Flat byte decoder (see module docstring)."""
+
+    backbone = "transformer"  # registry name (models/__init__.py)
 
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
@@ -208,12 +191,21 @@ class Transformer(ByteLM):
         """
         return self.logits(self.hidden(tokens, cache))
 
-    def prefill(self, ids: torch.Tensor, modality: torch.Tensor, cache: TransformerCache) -> torch.Tensor:
+    def new_state(
+        self, modality: torch.Tensor, max_len: int, dtype: torch.dtype | None = None
+    ) -> TransformerState:
+        """Empty decoding state for rows with tags ``modality`` [B], ``max_len`` positions (each
+        position consumes one input token; a window needs only its ring)."""
+        cache = self.new_cache(modality.shape[0], max_len, device=modality.device, dtype=dtype)
+        return TransformerState(modality=modality, max_len=max_len, pos=0, cache=cache)
+
+    def prefill(self, state: TransformerState, ids: torch.Tensor) -> torch.Tensor:
         """Start a stream: prompt bytes ids [B, n] (n may be 0) -> logits [B, n+1, V].
 
         ``logits[:, t]`` predicts ``ids[:, t]`` as the full forward does; ``logits[:, n]`` is
         the distribution of the first byte after the prompt.
         """
+        cache, modality = state.cache, state.modality
         if cache.length != 0:
             raise ValueError(
                 f"prefill needs an empty cache (it holds {cache.length} tokens); call cache.reset()"
@@ -223,7 +215,18 @@ class Transformer(ByteLM):
                 f"expected ids [B, n] and modality [B], got {tuple(ids.shape)} and {tuple(modality.shape)}"
             )
         tokens = torch.cat([modality[:, None].to(ids.dtype), ids], dim=1)  # [B, 1 + n]
+        state.pos = tokens.shape[1]
         return self.forward_step(tokens, cache)
+
+    def step(self, state: TransformerState, prev: torch.Tensor | None) -> torch.Tensor:
+        """Logits [B, V] of position ``state.pos`` given the bytes ``prev`` [B] before it (None at
+        position 0: the tag is fed); advances ``state.pos``."""
+        if (prev is None) != (state.pos == 0):
+            want = "None" if state.pos == 0 else "the byte at t-1 [B]"
+            raise ValueError(f"step at position {state.pos}: prev must be {want}")
+        token = state.modality if prev is None else prev
+        state.pos += 1
+        return self.forward_step(token[:, None].to(torch.long), state.cache)[:, 0]
 
     # --- accounting ---------------------------------------------------------------------------
     def flops_per_byte(self, mean_patch_len: float | None = None) -> float:

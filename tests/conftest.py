@@ -1,4 +1,5 @@
-"""Shared test fixtures: paths to the real development data and a GPU marker."""
+"""Shared test fixtures and helpers: paths to the real development data, a GPU marker, the one
+tiny BLT of the model tests, and mask_mods only tests use."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from polybyte.models.blt import BLT, BLTConfig
+from polybyte.models.transformer import TransformerConfig
 from polybyte.pipelines.demo import ensure_demo_shards
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,3 +55,65 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# --- the tiny BLT of the model tests ----------------------------------------------------------
+# Smaller than the shipped ``tiny`` preset: 32-wide local models whose short windows (5 and 7
+# bytes) exercise the windowed masks within 40-byte test streams, in well under a second.
+TINY_BLT_ENTROPY_MODEL = dict(dim=32, n_layers=1, n_heads=2, window=8, max_seq_len=64)
+
+
+def tiny_blt_config(patcher: str | dict = "space", *, entropy_model=None, **overrides) -> BLTConfig:
+    """The test suite's BLT config. ``patcher``: a kind (patch size 3, patches of at most 6
+    bytes) or a whole patcher dict. Entropy kinds get the entropy model TINY_BLT_ENTROPY_MODEL
+    with ``entropy_model``'s fields (a dict) over it, or ``entropy_model`` itself (a
+    TransformerConfig). Any other BLTConfig field is overridden by ``overrides``."""
+    if isinstance(patcher, str):
+        patcher = dict(kind=patcher, patch_size=3, max_patch_len=6)
+    if not patcher["kind"].startswith("entropy"):
+        entropy_model = None
+    elif not isinstance(entropy_model, TransformerConfig):
+        entropy_model = TransformerConfig(**{**TINY_BLT_ENTROPY_MODEL, **(entropy_model or {})})
+    fields = dict(
+        max_seq_len=64,
+        patcher=patcher,
+        hash_ngrams=dict(table_size=97),
+        encoder=dict(dim=32, n_layers=2, n_heads=2, window=5),
+        latent=dict(dim=48, n_layers=2, n_heads=2),
+        decoder=dict(dim=32, n_layers=2, n_heads=2, window=7),
+        entropy_model=entropy_model,
+    )
+    return BLTConfig(**{**fields, **overrides})
+
+
+def tiny_blt(patcher: str | dict = "space", **kwargs) -> BLT:
+    """``BLT(tiny_blt_config(patcher, **kwargs))`` from seed 0, in eval mode."""
+    torch.manual_seed(0)
+    return BLT(tiny_blt_config(patcher, **kwargs)).eval()
+
+
+# --- mask_mods only tests use -----------------------------------------------------------------
+def causal_mask(q_offset: int = 0):
+    def mask_mod(b, h, q_idx, kv_idx):
+        return q_idx + q_offset >= kv_idx
+
+    return mask_mod
+
+
+def document_causal_mask(doc_ids: torch.Tensor, q_offset: int = 0):
+    """Block-causal: causal, and a query sees only keys of its own document. doc_ids [B, T]."""
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        q = q_idx + q_offset
+        return (q >= kv_idx) & (doc_ids[b, q] == doc_ids[b, kv_idx])
+
+    return mask_mod
+
+
+def attn_and_input(T=11, D=32, H=4, Hkv=2, seed=0):
+    """A small RoPE attention layer (grouped-query) and an input [2, T, D]."""
+    from polybyte.models.layers import Attention, RoPE
+
+    torch.manual_seed(seed)
+    attn = Attention(D, H, Hkv, rope=RoPE(D // H))
+    return attn, torch.randn(2, T, D)

@@ -1,4 +1,4 @@
-"""BLT: hash n-grams, causality under every patcher, row independence, loss, FLOPs, training."""
+"""BLT: causality under every patcher, row independence, loss, FLOPs, training."""
 
 from __future__ import annotations
 
@@ -7,14 +7,15 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_blt_config
 
-from polybyte.models import base, patching
-from polybyte.models.blt import BLT, BLTConfig, blt_preset, hash_ngram_ids
+from polybyte import models
+from polybyte.models import patching
+from polybyte.models.blt import BLT, BLTConfig, blt_preset
 from polybyte.models.entropy import compute_entropies, step_entropies
 from polybyte.models.transformer import TransformerConfig
 
 PAD, EOS, TEXT, IMAGE = 256, 257, 258, 259
-ENTROPY_MODEL = TransformerConfig(dim=32, n_layers=1, n_heads=2, window=8, max_seq_len=64)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest
@@ -22,17 +23,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest
 
 def tiny(kind: str = "space", **overrides) -> BLTConfig:
     """A very small BLT with short windows so that the windowed masks are exercised."""
-    patcher = dict(kind=kind, patch_size=3, max_patch_len=6)  # entropy kinds: see calibrate()
-    fields = dict(
-        max_seq_len=64,
-        patcher=patcher,
-        hash_ngrams=dict(table_size=97),
-        encoder=dict(dim=32, n_layers=2, n_heads=2, window=5),
-        latent=dict(dim=48, n_layers=2, n_heads=2),
-        decoder=dict(dim=32, n_layers=2, n_heads=2, window=7),
-        entropy_model=ENTROPY_MODEL if kind.startswith("entropy") else None,
-    )
-    return BLTConfig(**{**fields, **overrides})
+    patcher = overrides.pop("patcher", kind)  # entropy kinds: see calibrate()
+    return tiny_blt_config(patcher, **overrides)
 
 
 def calibrate(model: BLT, ids: torch.Tensor, modality: torch.Tensor, mean_len: float = 3.0) -> None:
@@ -51,31 +43,6 @@ def text_ids(B: int, T: int, seed: int) -> torch.Tensor:
     ids[:, T // 2] = EOS
     ids[:, T // 2 + 1] = TEXT
     return ids
-
-
-# --- hash n-grams -----------------------------------------------------------------------------
-def test_hash_ngram_ids_deterministic_in_range_and_causal():
-    sizes, table = (3, 4, 5, 6, 7, 8), 1000
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 264, (3, 50), generator=g)
-    h = hash_ngram_ids(ids, sizes, table, num_functions=2)
-    assert h.shape == (3, 50, 12) and h.dtype == torch.long
-    assert torch.equal(h, hash_ngram_ids(ids.clone(), sizes, table, num_functions=2))
-    assert h.min() >= 0 and h.max() < table
-    # the same n bytes hash to the same row wherever they occur, and only those n bytes matter
-    row = torch.tensor([list(b"xxabcdefgh__abcdefgh")])
-    hr = hash_ngram_ids(row, sizes, table)
-    for s, n in enumerate(sizes):
-        assert hr[0, 9, s] == hr[0, 19, s]  # "…gh" at 9 and 19: same last 8 bytes
-    assert hr[0, 11, 0] != hr[0, 10, 0]  # different trigrams (collision odds 1/1000 for this fixed pair)
-    # never looks ahead: changing bytes >= t leaves every position < t unchanged
-    for t in (1, 7, 30):
-        ids2 = ids.clone()
-        ids2[:, t:] = torch.randint(0, 264, (3, 50 - t), generator=g)
-        assert torch.equal(hash_ngram_ids(ids2, sizes, table)[:, :t], h[:, :t, :6])
-    # the row start is padded consistently: a short prefix differs from the same bytes mid-row
-    assert hash_ngram_ids(row[:, 2:5], sizes, table)[0, 2, 0] == hr[0, 4, 0]  # full trigram "abc"
-    assert hash_ngram_ids(row[:, 2:5], sizes, table)[0, 2, 1] != hr[0, 4, 1]  # 4-gram needs 1 pad
 
 
 # --- causality and independence ---------------------------------------------------------------
@@ -224,13 +191,13 @@ def test_config_errors_and_dict_round_trip():
     with pytest.raises(ValueError, match="needs an entropy model"):
         BLTConfig(patcher=dict(kind="entropy"))
     with pytest.raises(ValueError, match="unknown keys"):
-        base.config_from_dict("blt", {"latent": {"dimm": 3}})
+        models.config_from_dict("blt", {"latent": {"dimm": 3}})
     cfg = tiny("entropy")
-    d = base.config_to_dict(cfg)
+    d = models.config_to_dict(cfg)
     assert d["backbone"] == "blt"
     d.pop("backbone")
-    assert base.config_from_dict("blt", d) == cfg
-    model = base.build_model({"backbone": "blt", **dataclasses.asdict(cfg)})
+    assert models.config_from_dict("blt", d) == cfg
+    model = models.build_model({"backbone": "blt", **dataclasses.asdict(cfg)})
     assert isinstance(model, BLT) and isinstance(model.config.entropy_model, TransformerConfig)
 
 
@@ -318,7 +285,7 @@ def test_calibrate_threshold_hits_target_mean_patch_length():
         decoder=dict(dim=32, n_layers=1, n_heads=2, window=16),
         entropy_model=entropy_model_config(dim=32, n_layers=1, n_heads=2, window=16, max_seq_len=64),
     )
-    model = base.build_model(cfg)
+    model = models.build_model(cfg)
     ids = torch.randint(0, 256, (4, 64))
     modality = torch.full((4,), 258)
     threshold = model.calibrate_threshold(ids, modality, target_mean_patch_len=4.0)
@@ -364,7 +331,8 @@ def test_patch_capacity_merges_overflow_into_the_last_slot():
     assert cfg.capacity(64) == 64  # rounded up to a multiple of 64, at most T
     cfg = patching.PatcherConfig(kind="strided", patch_size=4, max_patches_ratio=0.5)
     assert cfg.capacity(1024) == 128
-    lengths, patch_ids = patching.patch(ids, patching.PatcherConfig(kind="strided", patch_size=1, max_patches_ratio=0.01))
+    one_byte = patching.PatcherConfig(kind="strided", patch_size=1, max_patches_ratio=0.01)
+    lengths, patch_ids = patching.patch(ids, one_byte)
     assert lengths.shape == (2, 64) and patch_ids.max() == 63  # capacity min(T, 64) = 64 slots
     cfg = patching.PatcherConfig(kind="strided", patch_size=1, max_patches_ratio=0.01)
     ids = text_ids(2, 256, seed=2)

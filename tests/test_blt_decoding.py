@@ -1,4 +1,4 @@
-"""BLT's fixed-shape decoding (models/blt.py decode_front/latent/back, _starts,
+"""BLT's fixed-shape decoding (models/blt_decoding.py decode_front/latent/back, _starts,
 reserve_patches, decode_block) and the CUDA-graph contract of ``decode_block`` checked on CPU:
 the incremental state must equal the full forward for every patcher rule, the latent caches
 must never be written past their capacity, and a block must be replayable (no host sync, no
@@ -10,11 +10,12 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import tiny_blt as conftest_tiny_blt
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import polybyte.models.blt as blt_module
+import polybyte.models.blt_decoding as blt_module
 from polybyte.models import patching
-from polybyte.models.blt import BLT, BLTConfig
+from polybyte.models.blt import BLT
 from polybyte.models.entropy import compute_entropies
 from polybyte.models.generate import generate
 from polybyte.models.megabyte import Megabyte, MegabyteConfig
@@ -39,20 +40,15 @@ def stream() -> torch.Tensor:
 
 
 def tiny_blt(patcher: dict, **overrides) -> BLT:
-    torch.manual_seed(0)
-    kind = patcher["kind"]
+    """conftest's tiny BLT with one-layer local models, a 32-wide latent model and a sharper
+    entropy model (init std 0.5, so that entropies spread and thresholds have gaps)."""
     fields = dict(
-        max_seq_len=64,
-        patcher=patcher,
-        hash_ngrams=dict(table_size=97),
         encoder=dict(dim=32, n_layers=1, n_heads=2, window=5),
         latent=dict(dim=32, n_layers=2, n_heads=2),
         decoder=dict(dim=32, n_layers=1, n_heads=2, window=7),
-        entropy_model=TransformerConfig(dim=32, n_layers=1, n_heads=4, window=6, max_seq_len=64, init_std=0.5)
-        if kind.startswith("entropy")
-        else None,
+        entropy_model=dict(n_heads=4, window=6, init_std=0.5),
     )
-    return BLT(BLTConfig(**{**fields, **overrides})).eval()
+    return conftest_tiny_blt(patcher, **{**fields, **overrides})
 
 
 def set_threshold(model: BLT, ids: torch.Tensor) -> None:
@@ -96,9 +92,8 @@ for _kind in ("space", "entropy", "entropy_relative"):
     for _fpl1 in (True, False):
         for _split in (True, False):
             for _mpl in (None, 4):
-                PATCHERS.append(
-                    dict(kind=_kind, patch_size=3, first_patch_len_one=_fpl1, split_after_special=_split, max_patch_len=_mpl)
-                )
+                flags = dict(first_patch_len_one=_fpl1, split_after_special=_split, max_patch_len=_mpl)
+                PATCHERS.append(dict(kind=_kind, patch_size=3, **flags))
 PATCHERS.append(dict(kind="space", patch_size=3, max_patch_len=1))  # ring of one encoder state
 
 
@@ -299,7 +294,7 @@ def test_decode_block_is_replayable(name):
     n = model.decode_block_size
     max_len = 4 * n
     with torch.no_grad():
-        state = model.new_state(MOD, max_len, device_caches=True)
+        state = model.new_block_state(MOD, max_len)
         prev = None
         for _ in range(n):  # single steps up to the first block
             prev = model.step(state, prev).argmax(-1)

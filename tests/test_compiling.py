@@ -6,10 +6,11 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import tiny_blt_config
 
 from polybyte.models import build_model
 from polybyte.models.base import nll_loss
-from polybyte.models.blt import BLT, BLTConfig
+from polybyte.models.blt import BLT
 from polybyte.models.megabyte import MegabyteConfig
 from polybyte.models.transformer import TransformerConfig
 from polybyte.pipelines.compiling import compile_for_training, compile_scope, repeated_layers
@@ -19,14 +20,11 @@ TEXT, PAD = 258, 256
 
 
 def tiny_blt() -> BLT:
-    return BLT(BLTConfig(
-        max_seq_len=64,
-        patcher=dict(kind="entropy", patch_size=3, max_patch_len=6, threshold=1.0, max_patches_ratio=3.0),
-        hash_ngrams=dict(table_size=97),
-        encoder=dict(dim=32, n_layers=2, n_heads=2, window=5),
+    """conftest's tiny BLT with entropy patching at a fixed patch capacity, 3 latent layers."""
+    return BLT(tiny_blt_config(
+        dict(kind="entropy", patch_size=3, max_patch_len=6, threshold=1.0, max_patches_ratio=3.0),
         latent=dict(dim=48, n_layers=3, n_heads=2),
-        decoder=dict(dim=32, n_layers=2, n_heads=2, window=7),
-        entropy_model=TransformerConfig(dim=32, n_layers=2, n_heads=2, window=8, max_seq_len=64),
+        entropy_model=dict(n_layers=2),
     ))  # fmt: skip
 
 

@@ -5,9 +5,9 @@ import time
 
 import pytest
 import torch
+from conftest import tiny_blt
 
 from polybyte.models import patching
-from polybyte.models.blt import BLT, BLTConfig
 from polybyte.models.entropy import compute_entropies
 from polybyte.models.generate import generate, make_decoder
 from polybyte.models.megabyte import Megabyte, MegabyteConfig
@@ -33,19 +33,9 @@ def megabyte(**kw):
 
 
 def blt(kind):
-    """A tiny BLT with short local windows; entropy kinds get a threshold for ~3-byte patches."""
-    torch.manual_seed(0)
-    entropy_model = TransformerConfig(dim=32, n_layers=2, n_heads=4, window=6, max_seq_len=64)
-    config = BLTConfig(
-        max_seq_len=64,
-        patcher=dict(kind=kind, patch_size=3, max_patch_len=6),
-        hash_ngrams=dict(table_size=97),
-        encoder=dict(dim=32, n_layers=2, n_heads=2, window=5),
-        latent=dict(dim=48, n_layers=2, n_heads=2),
-        decoder=dict(dim=32, n_layers=2, n_heads=2, window=7),
-        entropy_model=entropy_model if kind.startswith("entropy") else None,
-    )
-    model = BLT(config).eval()
+    """conftest's tiny BLT with a 2-layer entropy model; entropy kinds get a threshold for ~3-byte patches."""
+    model = tiny_blt(kind, entropy_model=dict(n_layers=2, n_heads=4, window=6))
+    config = model.config
     if config.patcher.needs_entropies:
         ids = torch.randint(0, 256, (4, 48), generator=torch.Generator().manual_seed(1))
         entropies = compute_entropies(model.entropy_model, ids, MODALITIES)
@@ -100,7 +90,7 @@ def test_blt_latent_caches_grow_between_blocks(monkeypatch):
     """BLT's latent caches start small and grow (by LATENT_GROWTH) when the host's bound of the patch
     count reaches their capacity; decoding is unchanged and the capacity stays near the true
     patch count rather than one slot per byte."""
-    import polybyte.models.blt as blt_module
+    import polybyte.models.blt_decoding as blt_module
 
     monkeypatch.setattr(blt_module, "LATENT_MIN_CAPACITY", 4)
     model = blt("entropy")
@@ -242,7 +232,7 @@ def test_cuda_graphs_equal_eager_decoding(name, compile, monkeypatch):
     """One CUDA graph per block (optionally over the compiled decoding steps) decodes exactly
     as the eager per-byte path (fp32, greedy and seeded sampling). BLT's latent caches start at
     4 patches, so they grow and the graph is captured again several times."""
-    import polybyte.models.blt as blt_module
+    import polybyte.models.blt_decoding as blt_module
     from polybyte.pipelines.sample import compile_decoding
 
     monkeypatch.setattr(blt_module, "LATENT_MIN_CAPACITY", 4)

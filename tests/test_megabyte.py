@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from polybyte.models.base import build_model, config_to_dict, nll_loss
+from polybyte.models import build_model, config_to_dict
+from polybyte.models.base import nll_loss
 from polybyte.models.megabyte import PRESETS, Megabyte, MegabyteConfig
 
 PAD, TEXT, IMAGE = 256, 258, 259

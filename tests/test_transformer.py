@@ -110,8 +110,9 @@ def test_cached_decoding_equals_full_forward(window):
     ids, mod = random_ids(T=19), torch.tensor([TEXT, IMAGE])
     full = model(ids, mod)
     with torch.no_grad():
-        cache = model.new_cache(2, max_len=20)
-        first = model.prefill(ids[:, :6], mod, cache)  # logits for ids[0..6]
+        state = model.new_state(mod, 20)
+        cache = state.cache
+        first = model.prefill(state, ids[:, :6])  # logits for ids[0..6]
         rest = [model.forward_step(ids[:, 6:9], cache)]  # a chunk, then single steps
         rest += [model.forward_step(ids[:, t : t + 1], cache) for t in range(9, 18)]
     assert cache.length == 19
@@ -119,10 +120,10 @@ def test_cached_decoding_equals_full_forward(window):
     assert (stepped - full).abs().max() < 1e-5
     with torch.no_grad():
         cache.reset()
-        empty = model.prefill(ids[:, :0], mod, cache)  # no prompt: just the tag
+        empty = model.prefill(state, ids[:, :0])  # no prompt: just the tag
     assert (empty[:, 0] - full[:, 0]).abs().max() < 1e-5
     with pytest.raises(ValueError, match="empty cache"):
-        model.prefill(ids[:, :2], mod, cache)
+        model.prefill(state, ids[:, :2])
 
 
 def test_input_shape_errors_are_clear():
