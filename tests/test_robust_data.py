@@ -97,12 +97,17 @@ def _eval(args: list[str], capsys) -> tuple[int, str, str]:
 
 
 # --- truncated shards, counted against the manifest -------------------------------------------
-def test_shard_manifest_records_samples_per_shard(tmp_path):
+def _png_folder(folder: Path, n: int) -> Path:
+    """``n`` small PNG files im0.png .. in ``folder``."""
     rng = np.random.default_rng(0)
-    src = tmp_path / "png"
-    src.mkdir()
-    for i in range(7):
-        (src / f"im{i}.png").write_bytes(_png(rng))
+    folder.mkdir()
+    for i in range(n):
+        (folder / f"im{i}.png").write_bytes(_png(rng))
+    return folder
+
+
+def test_shard_manifest_records_samples_per_shard(tmp_path):
+    src = _png_folder(tmp_path / "png", 7)
     manifest = write_shards("image", [src], tmp_path / "o", settings={"size": SIZE}, val_fraction=1.0, maxcount=3)
     val = manifest["splits"]["val"]
     assert val["shards"] == ["val-000000.tar", "val-000001.tar", "val-000002.tar"]
@@ -136,11 +141,7 @@ def test_val_shard_truncated_on_a_member_boundary_counts_the_missing_samples(tmp
 
 
 def test_a_val_shard_the_manifest_lists_but_the_folder_lacks_is_counted(tmp_path):
-    rng = np.random.default_rng(0)
-    src = tmp_path / "png"
-    src.mkdir()
-    for i in range(5):
-        (src / f"im{i}.png").write_bytes(_png(rng))
+    src = _png_folder(tmp_path / "png", 5)
     write_shards("image", [src], tmp_path / "o", settings={"size": SIZE}, val_fraction=1.0, maxcount=3)
     (tmp_path / "o" / "val-000001.tar").unlink()
     dm = _val_dm(tmp_path / "o")
