@@ -51,7 +51,7 @@ def check_model_dict(model: Any) -> None:
     if name is not None and name not in known:
         raise ValueError(f"model.model.backbone {name!r} is unknown; known: {known}")
     fields = {f.name for n in ([name] if name else known) for f in dataclasses.fields(config_class(n))}
-    stray = sorted(k for k in model if k != "backbone" and k not in fields)
+    stray = sorted(k for k in model if k not in ("backbone", "preset") and k not in fields)
     if stray:
         hints = [f"{k!r}" + (f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, fields, 1)) else "")
                  for k in stray]  # fmt: skip

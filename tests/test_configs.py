@@ -78,6 +78,14 @@ class ParseOnly(LightningCLI):
         pass
 
 
+def expand(model: dict) -> dict:
+    """Every field of a ``model.model`` mapping, its ``preset`` filled in."""
+    from polybyte.models import config_from_dict, config_to_dict
+
+    rest = dict(model)
+    return config_to_dict(config_from_dict(rest.pop("backbone"), rest))
+
+
 def parse(path: Path, monkeypatch) -> dict:
     monkeypatch.setattr("sys.argv", ["polybyte"])
     return ParseOnly(ByteLMModule, ByteDataModule, run=False, args=["--config", str(path)]).config.as_dict()
@@ -86,7 +94,7 @@ def parse(path: Path, monkeypatch) -> dict:
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_config_parses_and_is_consistent(path, monkeypatch):
     cfg = parse(path, monkeypatch)
-    model, data, trainer = cfg["model"]["model"], cfg["data"], cfg["trainer"]
+    model, data, trainer = expand(cfg["model"]["model"]), cfg["data"], cfg["trainer"]
     with torch.device("meta"):  # the full-size model as shipped: validates every field
         net = build_model(dict(model))
     assert net.num_params() > 0
@@ -103,7 +111,7 @@ def test_config_parses_and_is_consistent(path, monkeypatch):
     if cfg["model"].get("entropy_model"):  # BLT with entropy patching loads the entropy run's export
         entropy = yaml.safe_load((REPO / "configs" / "entropy-model.yaml").read_text())
         assert cfg["model"]["entropy_model"] == f"{entropy['trainer']['default_root_dir']}/checkpoints/last"
-        trained = {k: v for k, v in entropy["model"]["model"].items() if k not in ("backbone", "max_seq_len")}
+        trained = {k: v for k, v in expand(entropy["model"]["model"]).items() if k not in ("backbone", "max_seq_len")}
         mine = {k: v for k, v in model["entropy_model"].items() if k != "max_seq_len"}
         assert mine == trained, "model.model.entropy_model must match configs/entropy-model.yaml"
 
@@ -129,7 +137,7 @@ def shrink(model: dict, seq_len: int) -> dict:
         elif k.endswith("heads"):
             out[k] = TINY["heads"]
         elif k in ("table_size", "window"):
-            out[k] = min(v, TINY[k])
+            out[k] = v if v is None else min(v, TINY[k])
         else:
             out[k] = v
     return out
@@ -157,6 +165,7 @@ def tiny_config(path: Path, tmp: Path, demo_shards: dict[str, Path]) -> tuple[Pa
     if "image" in modalities:  # the demo images are 16x16 unless the config resizes them
         size = ((data.get("adapter_settings") or {}).get("image") or {}).get("size", DEMO_SETTINGS["image"]["size"])
         need = max(need, 3 * size * size + 1)
+    cfg["model"]["model"] = expand(cfg["model"]["model"])
     multiple = math.lcm(2, cfg["model"]["model"].get("patch_size", 1))  # pcm16 and MEGABYTE patches
     seq_len = -(-need // multiple) * multiple
     data.update(seq_len=seq_len, batch_size=2, num_workers=0, shuffle_buffer=4)
@@ -203,3 +212,25 @@ def test_entropy_model_of_the_wrong_shape_is_a_clear_error(tmp_path):
     saved, got = load_file(same / "model.safetensors"), module.model.entropy_model.state_dict()
     assert saved.keys() == got.keys() and all(torch.equal(got[k], v) for k, v in saved.items())
     assert not any(p.requires_grad for p in module.model.entropy_model.parameters())
+
+
+def test_preset_plus_overrides_is_the_preset_with_only_those_keys_changed():
+    """``preset: base`` starts from the shipped preset; a nested override (BLT's patcher) changes
+    only the keys it names; an unknown preset names the known ones."""
+    import dataclasses
+
+    from polybyte.models import config_from_dict
+    from polybyte.models.blt import blt_preset
+
+    model = dict(yaml.safe_load((REPO / "configs" / "text-blt.yaml").read_text())["model"]["model"])
+    assert model.pop("backbone") == "blt" and model["preset"] == "base"
+    cfg = config_from_dict("blt", model)
+    base = blt_preset("base")
+    assert cfg.patcher == dataclasses.replace(base.patcher, max_patches_ratio=1.25)
+    assert dataclasses.replace(cfg, patcher=base.patcher) == base
+    cfg = config_from_dict("blt", {"preset": "base", "encoder": {"window": 256}})
+    assert cfg.encoder == dataclasses.replace(base.encoder, window=256) and cfg.latent == base.latent
+    with pytest.raises(ValueError, match=r"unknown megabyte preset 'huge'; known: \['base', 'small', 'tiny'\]"):
+        config_from_dict("megabyte", {"preset": "huge"})
+    module = ByteLMModule(model={"backbone": "transformer", "preset": "tiny", "n_layers": 1})  # fit's path
+    assert module.model.config.n_layers == 1 and module.model.config.dim == 128  # the rest from "tiny"
