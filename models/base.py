@@ -108,6 +108,12 @@ class ByteLM(nn.Module, ABC):
         return 1
 
     @property
+    def fixed_patch_len(self) -> int | None:
+        """Bytes per patch when every patch has that length (MEGABYTE, strided BLT), else None:
+        a prompt cut at a multiple of it leaves the first sampled byte at a patch start."""
+        return None
+
+    @property
     def max_stream_len(self) -> int | None:
         """Longest stream (tag included) that incremental decoding continues faithfully: the
         training window ``max_seq_len``; None where attention slides over ring caches, so a

@@ -418,6 +418,11 @@ class BLT(BLTDecoding, ByteLM):
             and not (exclude_embeddings and name.startswith("embed."))
         )
 
+    @property
+    def fixed_patch_len(self) -> int | None:
+        patcher = self.config.patcher
+        return patcher.patch_size if patcher.kind == "strided" else None
+
     def flops_per_byte(self, mean_patch_len: float | None = None) -> float:
         """Training FLOPs per byte at ``max_seq_len`` (see models/flops.py for the conventions).
 

@@ -142,6 +142,10 @@ class Megabyte(MegabyteDecoding, ByteLM):
     def seq_multiple(self) -> int:
         return self.config.patch_size
 
+    @property
+    def fixed_patch_len(self) -> int | None:
+        return self.config.patch_size
+
     def _init_weights(self) -> None:
         std = self.config.init_std
         init_normal(self, std)

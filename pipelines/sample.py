@@ -136,7 +136,7 @@ def _sample(model, tag: int, prompt: bytes, new_bytes: int, args, device, dtype)
     if model.compilable_steps and args.compile and device.type == "cuda":
         start = time.perf_counter()  # compile for each batch size used, outside the timing
         for n in {min(batch, args.num), args.num % batch} - {0}:
-            generate(model, tag, None, 3 * getattr(model.config, "patch_size", 1), num=n, stop_at_eos=False)
+            generate(model, tag, None, 3 * model.seq_multiple, num=n, stop_at_eos=False)
         torch.cuda.synchronize(device)
         print(f"compiled the decoding steps in {time.perf_counter() - start:.1f} s")
     samples: list[list[int]] = []
@@ -208,13 +208,7 @@ class _Job(ABC):
 def _patch_multiple(model) -> int:
     """Bytes per fixed patch of the backbone (MEGABYTE, strided BLT), else 1: prompts are cut
     at multiples of it so the first sampled byte starts a patch, as in training."""
-    config = model.config
-    if hasattr(config, "patch_size"):
-        return config.patch_size
-    patcher = getattr(config, "patcher", None)
-    if patcher is not None and patcher.kind == "strided":
-        return patcher.patch_size
-    return 1
+    return model.fixed_patch_len or 1
 
 
 class _ImageJob(_Job):

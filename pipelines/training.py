@@ -149,8 +149,8 @@ class ByteLMModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         """Refuse a data window the backbone cannot take before any step, naming the config keys."""
         seq_len = getattr(getattr(self.trainer, "datamodule", None), "seq_len", None)
-        patch = getattr(self.model.config, "patch_size", None)  # fixed patches (MEGABYTE)
-        if isinstance(seq_len, int) and isinstance(patch, int) and seq_len % patch:
+        patch = self.model.seq_multiple  # MEGABYTE: whole patches
+        if isinstance(seq_len, int) and patch > 1 and seq_len % patch:
             fit = -(-seq_len // patch) * patch
             raise ValueError(
                 f"data.seq_len {seq_len} is not a multiple of model.model.patch_size {patch}; "

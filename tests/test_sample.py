@@ -196,3 +196,18 @@ def test_bench_sample_compares_cached_with_uncached(tmp_path, capsys):
     assert all(r["cached_bytes_per_s"] > 0 and r["uncached_bytes_per_s"] > 0 for r in results)
     assert "ratio" in capsys.readouterr().out
     assert bench(["--what", "sample", "--model", "nonsense:x"]) == 2
+
+
+def test_prompts_are_cut_at_the_fixed_patch_length():
+    """A prompt is cut to whole fixed-length patches (MEGABYTE, strided BLT) so that sampling
+    starts a patch as training did; entropy/space patching and the flat model cut nowhere."""
+    from conftest import tiny_blt
+
+    from polybyte.pipelines.sample import _patch_multiple
+
+    megabyte = Megabyte(MegabyteConfig(patch_size=4, max_seq_len=64))
+    assert megabyte.fixed_patch_len == megabyte.seq_multiple == 4 and _patch_multiple(megabyte) == 4
+    assert tiny_blt("strided").fixed_patch_len == 3 and _patch_multiple(tiny_blt("strided")) == 3
+    assert tiny_blt("space").fixed_patch_len is None and _patch_multiple(tiny_blt("space")) == 1
+    flat = Transformer(TransformerConfig(dim=32, n_layers=1, n_heads=2, max_seq_len=64))
+    assert flat.fixed_patch_len is None and flat.seq_multiple == 1 and _patch_multiple(flat) == 1
