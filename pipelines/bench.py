@@ -174,8 +174,7 @@ def bench_train(configs: list[str], text: str | None, batch_size: int, steps: in
     cuda = device.type == "cuda"
     corpus = np.frombuffer(Path(text).read_bytes(), dtype=np.uint8) if text else None
     peak = device_peak_flops(device)
-    scope = compile_scope(compile_model)
-    compile_model = scope is not None
+    scope = compile_scope(compile_model)  # None: eager
     results = []
 
     def emit(row):
@@ -210,8 +209,8 @@ def bench_train(configs: list[str], text: str | None, batch_size: int, steps: in
             model.calibrate_threshold(ids, modality)
         batches = [batch() for _ in range(4)]
         name = Path(path).name
-        say(f"{name}: {f'compiling ({scope}) and ' if compile_model else ''}warming up {warmup} steps ...")
-        net = compile_for_training(model, scope) if compile_model else model
+        say(f"{name}: {f'compiling ({scope}) and ' if scope else ''}warming up {warmup} steps ...")
+        net = compile_for_training(model, scope)
         params = [p for p in model.parameters() if p.requires_grad]
         prof = Path(profile_dir) / f"{Path(name).stem}.txt" if profile_dir else None
         seconds, mean_patch, warm_s = _time_training(net, params, batches, model.config.pad_id, steps, warmup,
@@ -232,17 +231,17 @@ def bench_train(configs: list[str], text: str | None, batch_size: int, steps: in
             torch.manual_seed(0)
             peer = make(model.config).to(device)
             peer_name = f"{PEER_NAMES[model.backbone]} @ {name}"
-            peer_compiled = compile_model
-            say(f"{peer_name}: {'compiling and ' if compile_model else ''}warming up {warmup} steps ...")
+            peer_compiled = "model" if scope else False  # a peer is compiled whole
+            say(f"{peer_name}: {'compiling and ' if scope else ''}warming up {warmup} steps ...")
             batches = [batch() for _ in range(4)]
             ps = [p for p in peer.parameters() if p.requires_grad]
             try:
-                net = torch.compile(peer) if compile_model else peer
+                net = torch.compile(peer) if scope else peer
                 prof = Path(profile_dir) / f"{Path(name).stem}-peer.txt" if profile_dir else None
                 seconds, _, warm_s = _time_training(net, ps, batches, model.config.pad_id, steps, warmup, cuda,
                                                     profile=prof)  # fmt: skip
             except Exception as e:  # a peer that does not compile is timed eagerly, and says so
-                if not compile_model:
+                if not scope:
                     raise
                 say(f"{peer_name}: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); eager")
                 peer_compiled = False
@@ -278,13 +277,9 @@ def print_train_row(r: dict, base: float) -> None:
     patch = f"{r['mean_patch_len']:.2f}" if r["mean_patch_len"] else "-"
     vs_peer = r.get("ours_vs_peer")
     ratio = f"{vs_peer:.2f}x" if vs_peer is not None else "-"
-    print(f"{r['name']:<40} {r['params'] / 1e6:>7.1f}M {r['seq_len']:>6} {_compiled_label(r['compiled']):>8} "
+    print(f"{r['name']:<40} {r['params'] / 1e6:>7.1f}M {r['seq_len']:>6} {r['compiled'] or 'no':>8} "
           f"{r['warmup_s']:>7.1f} {r['ms_per_step']:>8.1f} {r['bytes_per_s']:>12,.0f} {mfu:>6} {patch:>6} "
           f"{r['bytes_per_s'] / base:>7.2f}x {ratio:>9}", flush=True)  # fmt: skip
-
-
-def _compiled_label(compiled: bool | str) -> str:
-    return compiled if isinstance(compiled, str) else ("model" if compiled else "no")
 
 
 def print_train(results: list[dict]) -> None:

@@ -119,10 +119,10 @@ class ByteLMModule(L.LightningModule):
         self._compiled = None
         self._last_loss: torch.Tensor | None = None  # this step's loss, checked before the update
         self._grad_norm: torch.Tensor | None = None  # this step's gradient norm, reused by clipping
-        # skipped (non-finite) steps: device counts since start or resume (in all, in a row), the
-        # count restored from a checkpoint, and the total as last read back
+        # skipped (non-finite) steps: device counts since start or resume (in all, in a row) and
+        # the count restored from a checkpoint (see nonfinite_steps)
         self._bad_total, self._bad_run = 0, 0
-        self._nonfinite_base = self.nonfinite_steps = 0
+        self._nonfinite_base = 0
 
     # --- helpers ------------------------------------------------------------------------------
     def _load_entropy_model(self, path: str) -> None:
@@ -342,27 +342,31 @@ class ByteLMModule(L.LightningModule):
         if self._is_log_step():
             self._check_nonfinite()
 
+    @property
+    def nonfinite_steps(self) -> int:
+        """Steps skipped as non-finite in the whole run (reads the device count back: a sync)."""
+        return self._nonfinite_base + int(self._bad_total)
+
     def _check_nonfinite(self) -> None:
-        """Read the device counts back (one sync), log them, stop when the run is too long."""
+        """Read the device counts back, log them, stop when the run is too long."""
         run = int(self.trainer.strategy.reduce(self._bad_run.float(), reduce_op="max"))
-        self.nonfinite_steps = self._nonfinite_base + int(self._bad_total)
+        skipped = self.nonfinite_steps
         for logger in self.loggers:
-            logger.log_metrics({"train/nonfinite_steps": float(self.nonfinite_steps)}, step=self.global_step)
+            logger.log_metrics({"train/nonfinite_steps": float(skipped)}, step=self.global_step)
         limit = self.hparams.max_nonfinite_steps
         if run >= limit:
             raise NonFiniteLossError(
                 f"loss or gradients were NaN/Inf for {limit} steps in a row (max_nonfinite_steps; {run} by step "
-                f"{self.global_step}, {self.nonfinite_steps} skipped in all); the weights were not updated by them "
+                f"{self.global_step}, {skipped} skipped in all); the weights were not updated by them "
                 f"and the last checkpoint holds the last good weights. Lower model.lr or raise "
                 f"trainer.gradient_clip_val"
             )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.nonfinite_steps = self._nonfinite_base + int(self._bad_total)
         checkpoint["nonfinite_steps"] = self.nonfinite_steps
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.nonfinite_steps = self._nonfinite_base = checkpoint.get("nonfinite_steps", 0)
+        self._nonfinite_base = checkpoint.get("nonfinite_steps", 0)
         self._bad_total, self._bad_run = 0, 0
 
     def configure_optimizers(self):
@@ -391,7 +395,6 @@ class ByteLMModule(L.LightningModule):
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         if not self._fused or not gradient_clip_val:
