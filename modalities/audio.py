@@ -132,9 +132,7 @@ def clip_waveform(
         return [wave] if len(wave) else []
     n = round(clip_seconds * sample_rate)
     if n < 1:
-        raise ValueError(
-            f"clip_seconds={clip_seconds} is shorter than one sample at {sample_rate} Hz"
-        )
+        raise ValueError(f"clip_seconds={clip_seconds} is shorter than one sample at {sample_rate} Hz")
     clips = [wave[i : i + n] for i in range(0, len(wave), n)]
     if clips and len(clips[-1]) < min_fraction * n:
         clips.pop()
@@ -155,9 +153,7 @@ class AudioSettings:
 
     def __post_init__(self) -> None:
         if self.encoding not in ENCODINGS:
-            raise ValueError(
-                f"unknown audio encoding {self.encoding!r}; use one of {sorted(ENCODINGS)}"
-            )
+            raise ValueError(f"unknown audio encoding {self.encoding!r}; use one of {sorted(ENCODINGS)}")
         if int(self.sample_rate) != self.sample_rate or self.sample_rate < 1:
             raise ValueError(f"sample_rate must be a positive integer (Hz), got {self.sample_rate}")
         self.sample_rate = int(self.sample_rate)
@@ -183,11 +179,19 @@ class AudioModality(Modality):
     def check_size(self, frames: int, channels: int, file_rate: int) -> None:
         """Raise `ResourceLimitError` for a recording above ``max_decoded_samples`` or
         ``max_seconds`` (from its header: frames, channels and rate before resampling)."""
-        check_limit(f"recording of {frames:,} frames x {channels} channels", frames * channels,
-                    "max_decoded_samples", self.settings.max_decoded_samples)  # fmt: skip
+        check_limit(
+            f"recording of {frames:,} frames x {channels} channels",
+            frames * channels,
+            "max_decoded_samples",
+            self.settings.max_decoded_samples,
+        )
         seconds = frames / file_rate
-        check_limit(f"recording of {seconds:,.1f} s ({frames:,} frames at {file_rate} Hz)", seconds,
-                    "max_seconds", self.settings.max_seconds)  # fmt: skip
+        check_limit(
+            f"recording of {seconds:,.1f} s ({frames:,} frames at {file_rate} Hz)",
+            seconds,
+            "max_seconds",
+            self.settings.max_seconds,
+        )
 
     def load(self, member_bytes: bytes) -> np.ndarray:
         """Audio file bytes -> mono samples at ``sample_rate``.

@@ -34,9 +34,7 @@ def _patch_size(order: str) -> int | None:
         return None
     m = _PATCH.fullmatch(order)
     if not m or int(m.group(1)) < 1:
-        raise ValueError(
-            f"unknown image order {order!r}; use 'raster' or 'patch{{k}}', e.g. 'patch4'"
-        )
+        raise ValueError(f"unknown image order {order!r}; use 'raster' or 'patch{{k}}', e.g. 'patch4'")
     return int(m.group(1))
 
 
@@ -120,8 +118,12 @@ def read_npz_batch(source, max_pixels: int | None = None) -> Iterator[tuple[int,
             size = math.isqrt(row_bytes // 3)
             if 3 * size * size != row_bytes or not size:
                 raise ValueError(f"row length {row_bytes} is not 3*S*S for any image size S")
-            check_limit(f"a .npz batch of {size}x{size} images ({size * size:,} pixels each)", size * size,
-                        "max_pixels", max_pixels)  # fmt: skip
+            check_limit(
+                f"a .npz batch of {size}x{size} images ({size * size:,} pixels each)",
+                size * size,
+                "max_pixels",
+                max_pixels,
+            )
             labels, label_dtype = None, None
             if "labels.npy" in members:
                 labels = archive.open("labels.npy")
@@ -150,8 +152,8 @@ def read_npz_batch(source, max_pixels: int | None = None) -> Iterator[tuple[int,
 def _pillow_refusal(reason: Warning | Exception) -> ResourceLimitError:
     """Pillow's decompression-bomb warning or error as our limit skip."""
     return ResourceLimitError(
-        f"image refused by Pillow's decompression-bomb check ({reason}); PIL.Image.MAX_IMAGE_PIXELS "
-        f"bounds max_pixels", "max_pixels"
+        f"image refused by Pillow's decompression-bomb check ({reason}); PIL.Image.MAX_IMAGE_PIXELS bounds max_pixels",
+        "max_pixels",
     )
 
 
@@ -197,8 +199,12 @@ class ImageModality(Modality):
 
     def check_size(self, width: int, height: int) -> None:
         """Raise `ResourceLimitError` for an image above ``max_pixels``."""
-        check_limit(f"{width}x{height} image ({width * height:,} pixels)", width * height,
-                    "max_pixels", self.settings.max_pixels)  # fmt: skip
+        check_limit(
+            f"{width}x{height} image ({width * height:,} pixels)",
+            width * height,
+            "max_pixels",
+            self.settings.max_pixels,
+        )
 
     def load(self, member_bytes: bytes) -> np.ndarray:
         """Image file bytes (PNG, JPEG, WebP, ...) -> ``[size, size, 3]`` uint8 pixels.

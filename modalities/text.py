@@ -23,9 +23,7 @@ class TextSettings:
         positive_limit("max_member_bytes", self.max_member_bytes)
 
 
-def json_texts(
-    data: bytes, extension: str, field: str = "text"
-) -> Iterator[tuple[int, str | None]]:
+def json_texts(data: bytes, extension: str, field: str = "text") -> Iterator[tuple[int, str | None]]:
     """Yield ``(record index, text)`` for each record of a ``.json`` or ``.jsonl`` document.
 
     ``.json`` holds one object or a list of objects; ``.jsonl`` one object per non-empty line.

@@ -36,8 +36,11 @@ def register_backbone(name: str, config_cls: type[ByteLMConfig], presets: dict[s
     return wrap
 
 
-for _cls, _cfg, _module in ((Transformer, TransformerConfig, transformer), (Megabyte, MegabyteConfig, megabyte),
-                            (BLT, BLTConfig, blt)):  # fmt: skip
+for _cls, _cfg, _module in (
+    (Transformer, TransformerConfig, transformer),
+    (Megabyte, MegabyteConfig, megabyte),
+    (BLT, BLTConfig, blt),
+):
     register_backbone(_cls.backbone, _cfg, _module.PRESETS)(_cls)
 
 

@@ -138,9 +138,7 @@ class ByteLM(nn.Module, ABC):
         """Logits [B, V] of position ``state.pos`` given the bytes ``prev`` [B] before it (None
         at position 0); advances ``state.pos`` by one."""
 
-    def new_block_state(
-        self, modality: torch.Tensor, max_len: int, dtype: torch.dtype | None = None
-    ) -> DecodingState:
+    def new_block_state(self, modality: torch.Tensor, max_len: int, dtype: torch.dtype | None = None) -> DecodingState:
         """A state for ``decode_block``: every step with the same shapes and addresses. Default:
         ``new_state`` (a backbone whose states are always like that)."""
         return self.new_state(modality, max_len, dtype)

@@ -104,8 +104,13 @@ class BLTConfig(ByteLMConfig):
 
     def __post_init__(self) -> None:
         # Accept plain dicts for the nested parts (YAML / config.json round trips).
-        for name, cls in (("patcher", PatcherConfig), ("hash_ngrams", HashNgramConfig),
-                          ("encoder", LocalConfig), ("latent", LatentConfig), ("decoder", LocalConfig)):
+        for name, cls in (
+            ("patcher", PatcherConfig),
+            ("hash_ngrams", HashNgramConfig),
+            ("encoder", LocalConfig),
+            ("latent", LatentConfig),
+            ("decoder", LocalConfig),
+        ):
             value = getattr(self, name)
             if isinstance(value, dict):
                 setattr(self, name, dataclass_from_dict(cls, value))
@@ -190,7 +195,6 @@ def _local_mask(window: int, n: int, device) -> AttentionMask | None:
     return None if window >= n else prepare_mask(sliding_window_mask(window), None, n, n, device)
 
 
-
 def _patch_max_pool(h: torch.Tensor, patch_ids: torch.Tensor, num_patches: int) -> torch.Tensor:
     """Max over each patch's positions: h [B, T, D], patch_ids [B, T] -> [B, P, D] (0 for empty
     patches; positions with patch id >= P are ignored)."""
@@ -217,23 +221,18 @@ class BLT(BLTDecoding, ByteLM):
         )
         n_enc_cross = E.n_layers if c.cross_attn_all_layers else 1
         self.pool_proj = nn.Linear(E.dim, k * E.dim, bias=False)  # max-pooled patch -> k queries
-        self.enc_cross = nn.ModuleList(
-            CrossAttention(E.dim, E.n_heads, c.norm_eps) for _ in range(n_enc_cross)
-        )
+        self.enc_cross = nn.ModuleList(CrossAttention(E.dim, E.n_heads, c.norm_eps) for _ in range(n_enc_cross))
         self.to_latent = nn.Linear(k * E.dim, G.dim, bias=False)
         lat_rope = RoPE(G.dim // G.n_heads, c.rope_theta)
         self.latent_blocks = nn.ModuleList(
-            Block(G.dim, G.n_heads, G.n_kv_heads, lat_rope, G.mlp_hidden, c.norm_eps)
-            for _ in range(G.n_layers)
+            Block(G.dim, G.n_heads, G.n_kv_heads, lat_rope, G.mlp_hidden, c.norm_eps) for _ in range(G.n_layers)
         )
         self.latent_norm = RMSNorm(G.dim, eps=c.norm_eps)
         self.to_decoder = nn.Linear(G.dim, k * Dd.dim, bias=False)  # latent state -> k slots
         self.enc_to_dec = nn.Identity() if E.dim == Dd.dim else nn.Linear(E.dim, Dd.dim, bias=False)
         dec_rope = RoPE(Dd.dim // Dd.n_heads, c.rope_theta)
         n_dec_cross = Dd.n_layers if c.cross_attn_all_layers else 1
-        self.dec_cross = nn.ModuleList(
-            CrossAttention(Dd.dim, Dd.n_heads, c.norm_eps) for _ in range(n_dec_cross)
-        )
+        self.dec_cross = nn.ModuleList(CrossAttention(Dd.dim, Dd.n_heads, c.norm_eps) for _ in range(n_dec_cross))
         self.dec_blocks = nn.ModuleList(
             Block(Dd.dim, Dd.n_heads, None, dec_rope, Dd.mlp_hidden, c.norm_eps) for _ in range(Dd.n_layers)
         )
@@ -328,7 +327,7 @@ class BLT(BLTDecoding, ByteLM):
         """
         k = self.config.cross_attn_k
         B, n, D = states[-1].shape
-        used = states[-len(self.enc_cross):]  # all layers, or only the last
+        used = states[-len(self.enc_cross) :]  # all layers, or only the last
         pooled = _patch_max_pool(used[0], input_patch_ids, num_patches)  # [B, P, D_E]
         queries = self.pool_proj(pooled).view(B, num_patches * k, D)  # [B, P, k*D] -> [B, P*k, D]
 
@@ -414,8 +413,7 @@ class BLT(BLTDecoding, ByteLM):
         return sum(
             p.numel()
             for name, p in self.named_parameters()
-            if not name.startswith("entropy_model.")
-            and not (exclude_embeddings and name.startswith("embed."))
+            if not name.startswith("entropy_model.") and not (exclude_embeddings and name.startswith("embed."))
         )
 
     @property

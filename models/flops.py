@@ -31,9 +31,7 @@ def linear_flops(module: nn.Module) -> int:
     return 2 * linear_weights(module)
 
 
-def attention_pairs(
-    q_len: int, kv_len: int | None = None, *, causal: bool = True, window: int | None = None
-) -> int:
+def attention_pairs(q_len: int, kv_len: int | None = None, *, causal: bool = True, window: int | None = None) -> int:
     """Number of (query, key) pairs a mask allows.
 
     Self-attention (``kv_len`` None or equal to ``q_len``): query i sees keys

@@ -13,9 +13,16 @@ from torch import nn
 
 HASH_MODULUS = 2**31 - 1  # Mersenne prime: residues < 2^31, so a residue times an id fits in int64
 # One multiplier per hash function (primes < HASH_MODULUS, the first as in the paper's code).
-HASH_MULTIPLIERS = (1_000_000_007, 1_500_450_271, 1_100_000_009, 1_200_000_041,
-                    1_300_000_003, 1_400_000_023, 1_600_000_009, 1_700_000_009)
-
+HASH_MULTIPLIERS = (
+    1_000_000_007,
+    1_500_450_271,
+    1_100_000_009,
+    1_200_000_041,
+    1_300_000_003,
+    1_400_000_023,
+    1_600_000_009,
+    1_700_000_009,
+)
 
 
 @dataclasses.dataclass

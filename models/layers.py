@@ -17,6 +17,7 @@ from .masks import AttentionMask, MaskMod, masked_attention
 
 RMSNorm = nn.RMSNorm  # torch's own (fused on CUDA); eps set by callers
 
+
 # --- rotary position embedding ----------------------------------------------------------------
 class RoPE(nn.Module):
     """Rotary embedding, rotate-half convention, applied to [B, H, T, Dh] at given positions.

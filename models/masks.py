@@ -216,8 +216,9 @@ def masked_attention(
         Dh = q.shape[-1]
         if Dh < FLEX_MIN_HEAD_DIM:  # zero columns change no dot product; keep the 1/sqrt(Dh) scale
             pad = (0, FLEX_MIN_HEAD_DIM - Dh)
-            out = flex(F.pad(q, pad), F.pad(k, pad), F.pad(v, pad), block_mask=mask.block_mask, enable_gqa=gqa,
-                       scale=Dh**-0.5)  # fmt: skip
+            out = flex(
+                F.pad(q, pad), F.pad(k, pad), F.pad(v, pad), block_mask=mask.block_mask, enable_gqa=gqa, scale=Dh**-0.5
+            )
             return out[..., :Dh]
         return flex(q, k, v, block_mask=mask.block_mask, enable_gqa=gqa)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, enable_gqa=gqa)

@@ -98,15 +98,24 @@ class MegabyteConfig(ByteLMConfig):
 PRESETS: dict[str, MegabyteConfig] = {
     "tiny": MegabyteConfig(),
     "small": MegabyteConfig(
-        patch_size=8, global_dim=64, global_layers=8, global_heads=8,
-        local_dim=256, local_layers=4, local_heads=4,
+        patch_size=8,
+        global_dim=64,
+        global_layers=8,
+        global_heads=8,
+        local_dim=256,
+        local_layers=4,
+        local_heads=4,
     ),
     "base": MegabyteConfig(
-        patch_size=8, global_dim=128, global_layers=12, global_heads=16,
-        local_dim=512, local_layers=6, local_heads=8,
+        patch_size=8,
+        global_dim=128,
+        global_layers=12,
+        global_heads=16,
+        local_dim=512,
+        local_layers=6,
+        local_heads=8,
     ),
-}  # fmt: skip
-
+}
 
 
 class Megabyte(MegabyteDecoding, ByteLM):
@@ -300,9 +309,7 @@ class Megabyte(MegabyteDecoding, ByteLM):
         c = self.config
         P, r = c.patch_size, c.cross_patch_r
         if mean_patch_len is not None and mean_patch_len != P:
-            raise ValueError(
-                f"MEGABYTE patches are fixed at patch_size={P}; got mean_patch_len={mean_patch_len}"
-            )
+            raise ValueError(f"MEGABYTE patches are fixed at patch_size={P}; got mean_patch_len={mean_patch_len}")
         T = c.max_seq_len if seq_len is None else seq_len
         self._check_len(T)
         K = T // P

@@ -79,9 +79,7 @@ class MegabyteDecoding:
             layer_inputs=layer_inputs,
         )
 
-    def new_block_state(
-        self, modality: torch.Tensor, max_len: int, dtype: torch.dtype | None = None
-    ) -> MegabyteState:
+    def new_block_state(self, modality: torch.Tensor, max_len: int, dtype: torch.dtype | None = None) -> MegabyteState:
         """``new_state`` with ``device_caches``: what ``decode_block`` under a CUDA graph needs."""
         return self.new_state(modality, max_len, dtype, device_caches=True)
 
@@ -225,4 +223,3 @@ class MegabyteDecoding:
         for t in range(full, n + 1):
             out.append(self.step(state, None if t == 0 else ids[:, t - 1])[:, None])
         return torch.cat(out, 1)
-

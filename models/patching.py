@@ -115,9 +115,7 @@ def patch(
     return patch_ids_to_lengths(patch_ids, slots), patch_ids
 
 
-def patch_starts(
-    ids: torch.Tensor, config: PatcherConfig, entropies: torch.Tensor | None = None
-) -> torch.Tensor:
+def patch_starts(ids: torch.Tensor, config: PatcherConfig, entropies: torch.Tensor | None = None) -> torch.Tensor:
     """ids [B, T] -> starts bool [B, T] (True where a byte begins a patch): ``start_rule`` and
     ``max_len_cut`` at every position of the row at once."""
     if ids.dim() != 2 or ids.shape[1] == 0:
@@ -172,9 +170,7 @@ def start_rule(
     return (starts & (prev != config.pad_id)) | (pos == 0)
 
 
-def max_len_cut(
-    config: PatcherConfig, pos: torch.Tensor, last_start: torch.Tensor, prev: torch.Tensor
-) -> torch.Tensor:
+def max_len_cut(config: PatcherConfig, pos: torch.Tensor, last_start: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
     """The max-length cut at ``pos``: ``max_patch_len`` positions after ``last_start``, the last
     start by ``start_rule`` at or before pos (content-based kinds: not right after a PAD)."""
     cut = (pos - last_start) % config.max_patch_len == 0
@@ -242,9 +238,7 @@ def lengths_to_starts(lengths: torch.Tensor, seq_len: int | None = None) -> torc
 
 
 # --- statistics and threshold search ----------------------------------------------------------
-def patch_counts(
-    patch_ids: torch.Tensor, ids: torch.Tensor, pad_id: int = PAD
-) -> tuple[torch.Tensor, torch.Tensor]:
+def patch_counts(patch_ids: torch.Tensor, ids: torch.Tensor, pad_id: int = PAD) -> tuple[torch.Tensor, torch.Tensor]:
     """(number of patches holding at least one non-PAD byte, number of non-PAD bytes), as 0-dim tensors.
 
     Their ratio is the mean patch length that BLT logs and find_threshold targets. No host sync:

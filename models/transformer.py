@@ -191,9 +191,7 @@ class Transformer(ByteLM):
         """
         return self.logits(self.hidden(tokens, cache))
 
-    def new_state(
-        self, modality: torch.Tensor, max_len: int, dtype: torch.dtype | None = None
-    ) -> TransformerState:
+    def new_state(self, modality: torch.Tensor, max_len: int, dtype: torch.dtype | None = None) -> TransformerState:
         """Empty decoding state for rows with tags ``modality`` [B], ``max_len`` positions (each
         position consumes one input token; a window needs only its ring)."""
         cache = self.new_cache(modality.shape[0], max_len, device=modality.device, dtype=dtype)
@@ -207,9 +205,7 @@ class Transformer(ByteLM):
         """
         cache, modality = state.cache, state.modality
         if cache.length != 0:
-            raise ValueError(
-                f"prefill needs an empty cache (it holds {cache.length} tokens); call cache.reset()"
-            )
+            raise ValueError(f"prefill needs an empty cache (it holds {cache.length} tokens); call cache.reset()")
         if ids.dim() != 2 or modality.shape != ids.shape[:1]:
             raise ValueError(
                 f"expected ids [B, n] and modality [B], got {tuple(ids.shape)} and {tuple(modality.shape)}"
@@ -243,4 +239,3 @@ def transformer_preset(name: str, **overrides) -> TransformerConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown transformer preset {name!r}; known: {sorted(PRESETS)}")
     return TransformerConfig(**{**PRESETS[name], **overrides})
-

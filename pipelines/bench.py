@@ -49,44 +49,73 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="polybyte bench", description=__doc__.splitlines()[0])
     p.add_argument("--what", choices=["train", "sample", "data"], default="train", help="what to measure")
     g = p.add_argument_group("data (--what data)")
-    g.add_argument("--data", nargs="+", metavar="NAME=DIR",
-                   help="shard sources, e.g. text=shards/text image=shards/img; "
-                        "default: a synthetic dataset built in a temporary folder")
+    g.add_argument(
+        "--data",
+        nargs="+",
+        metavar="NAME=DIR",
+        help="shard sources, e.g. text=shards/text image=shards/img; "
+        "default: a synthetic dataset built in a temporary folder",
+    )
     g.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, help="ids per window (default %(default)s)")
     g.add_argument("--batch-size", type=int, default=8, help="windows per batch (default %(default)s)")
     g.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (default %(default)s)")
     g.add_argument("--batches", type=int, default=50, help="batches timed after the first (default %(default)s)")
-    g.add_argument("--shuffle-buffer", type=int, default=100,
-                   help="windows per source and worker (default %(default)s)")
+    g.add_argument(
+        "--shuffle-buffer", type=int, default=100, help="windows per source and worker (default %(default)s)"
+    )
     g = p.add_argument_group("train (--what train)")
-    g.add_argument("--model", nargs="+", metavar="CONFIG",
-                   default=["configs/text-transformer.yaml", "configs/text-megabyte.yaml", "configs/text-blt.yaml"],
-                   help="LightningCLI YAML configs (their model section); the first is the baseline")
+    g.add_argument(
+        "--model",
+        nargs="+",
+        metavar="CONFIG",
+        default=["configs/text-transformer.yaml", "configs/text-megabyte.yaml", "configs/text-blt.yaml"],
+        help="LightningCLI YAML configs (their model section); the first is the baseline",
+    )
     g.add_argument("--text", default=None, help="file whose bytes fill the windows (default: random bytes)")
     g.add_argument("--steps", type=int, default=20, help="timed steps per model (default %(default)s)")
     g.add_argument("--warmup", type=int, default=5, help="untimed steps first (default %(default)s)")
-    g.add_argument("--compile", nargs="?", const="blocks", default=None, choices=["blocks", "model"],
-                   help="train: torch.compile each model as polybyte fit does: its repeated layers (blocks, the "
-                        "default) or the whole model as one graph (sample: see --no-compile)")
+    g.add_argument(
+        "--compile",
+        nargs="?",
+        const="blocks",
+        default=None,
+        choices=["blocks", "model"],
+        help="train: torch.compile each model as polybyte fit does: its repeated layers (blocks, the "
+        "default) or the whole model as one graph (sample: see --no-compile)",
+    )
     g.add_argument("--train-batch-size", type=int, default=8, help="windows per step (default %(default)s)")
-    g.add_argument("--peers", action="store_true",
-                   help="also time the reference implementation of each MEGABYTE config (lucidrains' "
-                        "megabyte-pytorch) and BLT config (transformers' BltForCausalLM) at its shapes, batch, "
-                        "precision and optimizer, in the same process (needs the bench extra)")
+    g.add_argument(
+        "--peers",
+        action="store_true",
+        help="also time the reference implementation of each MEGABYTE config (lucidrains' "
+        "megabyte-pytorch) and BLT config (transformers' BltForCausalLM) at its shapes, batch, "
+        "precision and optimizer, in the same process (needs the bench extra)",
+    )
     g.add_argument("--json", default=None, help="also write the results to this JSON file")
-    g.add_argument("--profile", default=None, metavar="DIR",
-                   help="train: after timing, profile 3 steps of each row with torch.profiler and write "
-                        "its operator table (by device time) to DIR/NAME.txt")
+    g.add_argument(
+        "--profile",
+        default=None,
+        metavar="DIR",
+        help="train: after timing, profile 3 steps of each row with torch.profiler and write "
+        "its operator table (by device time) to DIR/NAME.txt",
+    )
     g = p.add_argument_group("sample (--what sample; --model also takes BACKBONE:PRESET or a checkpoint folder)")
     g.add_argument("--modality", default="image", choices=["text", "image", "audio"], help="tag to sample under")
     g.add_argument("--sample-bytes", type=int, default=12288, help="bytes per row, cached (default: one 64x64 image)")
-    g.add_argument("--uncached-bytes", type=int, default=512,
-                   help="bytes per row timed for the uncached baseline and the like-for-like ratio "
-                        "(default %(default)s)")
+    g.add_argument(
+        "--uncached-bytes",
+        type=int,
+        default=512,
+        help="bytes per row timed for the uncached baseline and the like-for-like ratio (default %(default)s)",
+    )
     g.add_argument("--sample-batch-size", type=int, default=16, help="rows sampled together (default %(default)s)")
     g.add_argument("--fp32", action="store_true", help="fp32 weights on GPU (default: bf16, as polybyte sample)")
-    g.add_argument("--no-compile", dest="sample_compile", action="store_false",
-                   help="do not torch.compile the decoding steps (default: compiled on GPU, as polybyte sample)")
+    g.add_argument(
+        "--no-compile",
+        dest="sample_compile",
+        action="store_false",
+        help="do not torch.compile the decoding steps (default: compiled on GPU, as polybyte sample)",
+    )
     return p
 
 
@@ -97,8 +126,9 @@ def _model_config(path: str) -> dict:
     return dict(cfg["model"]["model"])
 
 
-def _time_training(net, params, batches, pad_id: int, steps: int, warmup: int, cuda: bool, aux=None,
-                   profile: Path | None = None):  # fmt: skip
+def _time_training(
+    net, params, batches, pad_id: int, steps: int, warmup: int, cuda: bool, aux=None, profile: Path | None = None
+):
     """Run ``warmup`` then ``steps`` training steps (bf16 autocast on CUDA, the loss of
     models.base.nll_loss, gradient clipping at 1.0, fused AdamW on CUDA) of ``net(ids, modality)``;
     returns (seconds of the timed steps, mean patch length or None, seconds of the warm-up).
@@ -158,9 +188,17 @@ def _time_training(net, params, batches, pad_id: int, steps: int, warmup: int, c
     return seconds, mean_patch, warm_s
 
 
-def bench_train(configs: list[str], text: str | None, batch_size: int, steps: int, warmup: int,
-                compile_model: bool | str, peers: bool = False, report=None,
-                profile_dir: str | None = None) -> list[dict]:  # fmt: skip
+def bench_train(
+    configs: list[str],
+    text: str | None,
+    batch_size: int,
+    steps: int,
+    warmup: int,
+    compile_model: bool | str,
+    peers: bool = False,
+    report=None,
+    profile_dir: str | None = None,
+) -> list[dict]:
     """Time training steps of each config (and with ``peers``, the peer implementation of each
     MEGABYTE / BLT config at its shapes, right after it); returns one result dict per row.
     ``compile_model``: a ``compile`` setting of polybyte fit (False, True, "blocks", "model");
@@ -213,17 +251,28 @@ def bench_train(configs: list[str], text: str | None, batch_size: int, steps: in
         net = compile_for_training(model, scope)
         params = [p for p in model.parameters() if p.requires_grad]
         prof = Path(profile_dir) / f"{Path(name).stem}.txt" if profile_dir else None
-        seconds, mean_patch, warm_s = _time_training(net, params, batches, model.config.pad_id, steps, warmup,
-                                                     cuda, aux=model, profile=prof)  # fmt: skip
+        seconds, mean_patch, warm_s = _time_training(
+            net, params, batches, model.config.pad_id, steps, warmup, cuda, aux=model, profile=prof
+        )
         bytes_per_s = steps * batch_size * seq_len / seconds
         flops = model.flops_per_byte(mean_patch_len=mean_patch)
         ours = {
-            "config": path, "name": name, "impl": "polybyte", "backbone": model.backbone,
-            "params": model.num_params(), "seq_len": seq_len, "batch_size": batch_size,
-            "ms_per_step": 1000 * seconds / steps, "bytes_per_s": bytes_per_s, "flops_per_byte": flops,
-            "mfu": flops * bytes_per_s / peak if peak else None, "mean_patch_len": mean_patch,
-            "compiled": scope or False, "warmup_s": warm_s, "peer": None,
-        }  # fmt: skip
+            "config": path,
+            "name": name,
+            "impl": "polybyte",
+            "backbone": model.backbone,
+            "params": model.num_params(),
+            "seq_len": seq_len,
+            "batch_size": batch_size,
+            "ms_per_step": 1000 * seconds / steps,
+            "bytes_per_s": bytes_per_s,
+            "flops_per_byte": flops,
+            "mfu": flops * bytes_per_s / peak if peak else None,
+            "mean_patch_len": mean_patch,
+            "compiled": scope or False,
+            "warmup_s": warm_s,
+            "peer": None,
+        }
         del net, batches[1:]
         if peers and model.backbone in PEER_MODULES:
             emit(ours)
@@ -238,8 +287,9 @@ def bench_train(configs: list[str], text: str | None, batch_size: int, steps: in
             try:
                 net = torch.compile(peer) if scope else peer
                 prof = Path(profile_dir) / f"{Path(name).stem}-peer.txt" if profile_dir else None
-                seconds, _, warm_s = _time_training(net, ps, batches, model.config.pad_id, steps, warmup, cuda,
-                                                    profile=prof)  # fmt: skip
+                seconds, _, warm_s = _time_training(
+                    net, ps, batches, model.config.pad_id, steps, warmup, cuda, profile=prof
+                )
             except Exception as e:  # a peer that does not compile is timed eagerly, and says so
                 if not scope:
                     raise
@@ -249,13 +299,26 @@ def bench_train(configs: list[str], text: str | None, batch_size: int, steps: in
             peer_bps = steps * batch_size * seq_len / seconds
             ours["peer"] = peer_name
             ours["vs_peer"] = bytes_per_s / peer_bps
-            emit({
-                "config": path, "name": peer_name, "impl": PEER_MODULES[model.backbone], "backbone": model.backbone,
-                "params": sum(p.numel() for p in peer.parameters()), "seq_len": seq_len, "batch_size": batch_size,
-                "ms_per_step": 1000 * seconds / steps, "bytes_per_s": peer_bps, "flops_per_byte": None, "mfu": None,
-                "mean_patch_len": float(model.config.patcher.patch_size) if model.backbone == "blt" else None,
-                "compiled": peer_compiled, "warmup_s": warm_s, "peer": None, "ours_vs_peer": bytes_per_s / peer_bps,
-            })  # fmt: skip
+            emit(
+                {
+                    "config": path,
+                    "name": peer_name,
+                    "impl": PEER_MODULES[model.backbone],
+                    "backbone": model.backbone,
+                    "params": sum(p.numel() for p in peer.parameters()),
+                    "seq_len": seq_len,
+                    "batch_size": batch_size,
+                    "ms_per_step": 1000 * seconds / steps,
+                    "bytes_per_s": peer_bps,
+                    "flops_per_byte": None,
+                    "mfu": None,
+                    "mean_patch_len": float(model.config.patcher.patch_size) if model.backbone == "blt" else None,
+                    "compiled": peer_compiled,
+                    "warmup_s": warm_s,
+                    "peer": None,
+                    "ours_vs_peer": bytes_per_s / peer_bps,
+                }
+            )
             del peer, net, ps
         else:
             emit(ours)
@@ -268,8 +331,11 @@ def bench_train(configs: list[str], text: str | None, batch_size: int, steps: in
 def print_train_header(batch_size: int) -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"train steps on {device} (bf16 autocast and fused AdamW on GPU), batch {batch_size}:")
-    print(f"{'model':<40} {'params':>8} {'seq':>6} {'compiled':>8} {'warm s':>7} {'ms/step':>8} {'bytes/s':>12} "
-          f"{'MFU':>6} {'patch':>6} {'vs first':>8} {'ours/peer':>9}", flush=True)  # fmt: skip
+    print(
+        f"{'model':<40} {'params':>8} {'seq':>6} {'compiled':>8} {'warm s':>7} {'ms/step':>8} {'bytes/s':>12} "
+        f"{'MFU':>6} {'patch':>6} {'vs first':>8} {'ours/peer':>9}",
+        flush=True,
+    )
 
 
 def print_train_row(r: dict, base: float) -> None:
@@ -277,9 +343,12 @@ def print_train_row(r: dict, base: float) -> None:
     patch = f"{r['mean_patch_len']:.2f}" if r["mean_patch_len"] else "-"
     vs_peer = r.get("ours_vs_peer")
     ratio = f"{vs_peer:.2f}x" if vs_peer is not None else "-"
-    print(f"{r['name']:<40} {r['params'] / 1e6:>7.1f}M {r['seq_len']:>6} {r['compiled'] or 'no':>8} "
-          f"{r['warmup_s']:>7.1f} {r['ms_per_step']:>8.1f} {r['bytes_per_s']:>12,.0f} {mfu:>6} {patch:>6} "
-          f"{r['bytes_per_s'] / base:>7.2f}x {ratio:>9}", flush=True)  # fmt: skip
+    print(
+        f"{r['name']:<40} {r['params'] / 1e6:>7.1f}M {r['seq_len']:>6} {r['compiled'] or 'no':>8} "
+        f"{r['warmup_s']:>7.1f} {r['ms_per_step']:>8.1f} {r['bytes_per_s']:>12,.0f} {mfu:>6} {patch:>6} "
+        f"{r['bytes_per_s'] / base:>7.2f}x {ratio:>9}",
+        flush=True,
+    )
 
 
 def print_train(results: list[dict]) -> None:
@@ -320,8 +389,15 @@ def _sample_model(spec: str, device: torch.device):
     return build_model(make(preset)).to(device).eval(), True
 
 
-def bench_sample(spec: str, modality: str = "image", batch_size: int = 16, max_bytes: int = 12288,
-                 uncached_bytes: int = 512, bf16: bool | None = None, compile: bool | None = None) -> dict:  # fmt: skip
+def bench_sample(
+    spec: str,
+    modality: str = "image",
+    batch_size: int = 16,
+    max_bytes: int = 12288,
+    uncached_bytes: int = 512,
+    bf16: bool | None = None,
+    compile: bool | None = None,
+) -> dict:
     """Time batched sampling (``models.generate``) with caches against the uncached baseline
     (a full forward over the whole prefix per byte) on the current device, same model, same run.
 
@@ -354,8 +430,9 @@ def bench_sample(spec: str, modality: str = "image", batch_size: int = 16, max_b
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        generate(model, tag, None, n, num=batch_size, seed=0, stop_at_eos=False, use_cache=use_cache,
-                 cuda_graphs=graphs)  # fmt: skip
+        generate(
+            model, tag, None, n, num=batch_size, seed=0, stop_at_eos=False, use_cache=use_cache, cuda_graphs=graphs
+        )
         if cuda:
             torch.cuda.synchronize()
         return time.perf_counter() - start
@@ -373,30 +450,44 @@ def bench_sample(spec: str, modality: str = "image", batch_size: int = 16, max_b
     cached_s = timed(max_bytes, True) if compile_s is not None else graphs_s
     cached_short_s = timed(uncached_bytes, True)
     return {
-        "model": spec, "backbone": model.backbone, "params": model.num_params(), "device": str(device),
-        "bf16": bf16, "batch_size": batch_size, "bytes": max_bytes, "uncached_bytes": uncached_bytes,
-        "compile_s": compile_s, "cached_s": cached_s, "cached_bytes_per_s": batch_size * max_bytes / cached_s,
+        "model": spec,
+        "backbone": model.backbone,
+        "params": model.num_params(),
+        "device": str(device),
+        "bf16": bf16,
+        "batch_size": batch_size,
+        "bytes": max_bytes,
+        "uncached_bytes": uncached_bytes,
+        "compile_s": compile_s,
+        "cached_s": cached_s,
+        "cached_bytes_per_s": batch_size * max_bytes / cached_s,
         "graphs_bytes_per_s": batch_size * max_bytes / graphs_s,
         "cached_short_bytes_per_s": batch_size * uncached_bytes / cached_short_s,
         "uncached_bytes_per_s": batch_size * uncached_bytes / uncached_s,
         "cached_eager_short_bytes_per_s": batch_size * uncached_bytes / eager_short_s,
-    }  # fmt: skip
+    }
 
 
 def print_sample(results: list[dict]) -> None:
     r0 = results[0]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    print(f"sampling on {device} ({'bf16' if r0['bf16'] else 'fp32'} weights), batch {r0['batch_size']}; "
-          f"uncached = full forward over the prefix per byte, timed over the first {r0['uncached_bytes']} bytes:")
-    print(f"{'model':<30} {'params':>8} {'bytes':>6} {'compile s':>9} {'seconds':>8} {'cached B/s':>11} "
-          f"{'graphs only':>11} {'short: cached':>13} {'no graphs':>10} {'uncached':>9} {'ratio':>7}")
+    print(
+        f"sampling on {device} ({'bf16' if r0['bf16'] else 'fp32'} weights), batch {r0['batch_size']}; "
+        f"uncached = full forward over the prefix per byte, timed over the first {r0['uncached_bytes']} bytes:"
+    )
+    print(
+        f"{'model':<30} {'params':>8} {'bytes':>6} {'compile s':>9} {'seconds':>8} {'cached B/s':>11} "
+        f"{'graphs only':>11} {'short: cached':>13} {'no graphs':>10} {'uncached':>9} {'ratio':>7}"
+    )
     for r in results:
         ratio = r["cached_short_bytes_per_s"] / r["uncached_bytes_per_s"]
         compile_s = "-" if r["compile_s"] is None else f"{r['compile_s']:.1f}"
-        print(f"{Path(r['model']).name:<30} {r['params'] / 1e6:>7.1f}M {r['bytes']:>6} {compile_s:>9} "
-              f"{r['cached_s']:>8.2f} {r['cached_bytes_per_s']:>11,.0f} {r['graphs_bytes_per_s']:>11,.0f} "
-              f"{r['cached_short_bytes_per_s']:>13,.0f} {r['cached_eager_short_bytes_per_s']:>10,.0f} "
-              f"{r['uncached_bytes_per_s']:>9,.0f} {ratio:>6.1f}x")  # fmt: skip
+        print(
+            f"{Path(r['model']).name:<30} {r['params'] / 1e6:>7.1f}M {r['bytes']:>6} {compile_s:>9} "
+            f"{r['cached_s']:>8.2f} {r['cached_bytes_per_s']:>11,.0f} {r['graphs_bytes_per_s']:>11,.0f} "
+            f"{r['cached_short_bytes_per_s']:>13,.0f} {r['cached_eager_short_bytes_per_s']:>10,.0f} "
+            f"{r['uncached_bytes_per_s']:>9,.0f} {ratio:>6.1f}x"
+        )
 
 
 def synthetic_shards(out_dir: Path, seed: int = 0) -> dict[str, str]:
@@ -450,8 +541,9 @@ def bench_data(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        dm = ByteDataModule(sources=sources, seq_len=seq_len, batch_size=batch_size, num_workers=workers,
-                            shuffle_buffer=shuffle_buffer)
+        dm = ByteDataModule(
+            sources=sources, seq_len=seq_len, batch_size=batch_size, num_workers=workers, shuffle_buffer=shuffle_buffer
+        )
         dm.setup("fit")
         start = time.perf_counter()
         it = iter(dm.train_dataloader())
@@ -499,7 +591,7 @@ def _train_input_error(args) -> str | None:
     if args.peers:
         absent = missing_peers()
         if absent:
-            return f"--peers needs the bench extra (pip install -e \".[bench]\"); not installed: {', '.join(absent)}"
+            return f'--peers needs the bench extra (pip install -e ".[bench]"); not installed: {", ".join(absent)}'
     return None
 
 
@@ -518,8 +610,17 @@ def main(argv: list[str] | None = None) -> int:
                 first.append(row["bytes_per_s"])
             print_train_row(row, first[0])
 
-        results = bench_train(args.model, args.text, args.train_batch_size, args.steps, args.warmup, args.compile,
-                              peers=args.peers, report=report, profile_dir=args.profile)  # fmt: skip
+        results = bench_train(
+            args.model,
+            args.text,
+            args.train_batch_size,
+            args.steps,
+            args.warmup,
+            args.compile,
+            peers=args.peers,
+            report=report,
+            profile_dir=args.profile,
+        )
         for r in results:
             if r.get("vs_peer") is not None:
                 print(f"{r['name']}: {r['vs_peer']:.2f}x {r['peer']} (bytes/s, same run)")
@@ -531,10 +632,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.what == "sample":
         try:
             results = [
-                bench_sample(spec, args.modality, args.sample_batch_size, args.sample_bytes, args.uncached_bytes,
-                             bf16=False if args.fp32 else None, compile=None if args.sample_compile else False)
+                bench_sample(
+                    spec,
+                    args.modality,
+                    args.sample_batch_size,
+                    args.sample_bytes,
+                    args.uncached_bytes,
+                    bf16=False if args.fp32 else None,
+                    compile=None if args.sample_compile else False,
+                )
                 for spec in args.model
-            ]  # fmt: skip
+            ]
         except (ValueError, FileNotFoundError) as e:
             print(f"polybyte bench: {e}", file=sys.stderr)
             return 2

@@ -48,9 +48,13 @@ class BPBMeter:
         self.count = torch.zeros(len(MODALITY_TAGS), dtype=torch.float64)
 
     def update(
-        self, nll: torch.Tensor, ids: torch.Tensor, modality: torch.Tensor, check: bool = True,
+        self,
+        nll: torch.Tensor,
+        ids: torch.Tensor,
+        modality: torch.Tensor,
+        check: bool = True,
         scored: torch.Tensor | None = None,
-    ) -> torch.Tensor:  # fmt: skip
+    ) -> torch.Tensor:
         """Add a batch; returns its bits per row ([B], float64). ``check=False`` skips the tag
         check and its host sync, for batches known to carry tag ids (the training loop's, from
         ByteDataModule). ``scored``: see `payload_bits`."""

@@ -91,8 +91,10 @@ def check_ckpt_file(path) -> Path:
         with zipfile.ZipFile(p) as archive:
             names = archive.namelist()
     except (zipfile.BadZipFile, OSError) as e:
-        raise ValueError(f"{path}: not a complete checkpoint, truncated or not written by torch.save "
-                         f"({one_line(e)}); use an earlier checkpoint") from None  # fmt: skip
+        raise ValueError(
+            f"{path}: not a complete checkpoint, truncated or not written by torch.save "
+            f"({one_line(e)}); use an earlier checkpoint"
+        ) from None
     if not any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
         raise ValueError(f"{path}: not a torch checkpoint (no data.pkl in the archive)")
     return p

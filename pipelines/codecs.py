@@ -116,9 +116,7 @@ def payload_to_samples(payload: bytes, encoding: str = "pcm16") -> tuple[np.ndar
     """
     if encoding == "pcm16":
         if len(payload) % 2:
-            raise ValueError(
-                f"pcm16 payload has an odd byte count ({len(payload)}); it needs 2 bytes/sample"
-            )
+            raise ValueError(f"pcm16 payload has an odd byte count ({len(payload)}); it needs 2 bytes/sample")
         return np.frombuffer(payload, dtype="<i2").astype(np.int16), "PCM_16"
     if encoding in ("pcm8", "mulaw8"):
         codes = np.frombuffer(payload, dtype=np.uint8).astype(np.int16)
@@ -142,25 +140,29 @@ def available_codecs() -> dict[str, list[tuple[str, bool, str]]]:
         "text": text,
         "image": [
             ("PNG", True, "Pillow, optimize=True, compress_level=9"),
-            ("WebP lossless", webp,
-             "Pillow, lossless, method 6" if webp else "Pillow was built without WebP support"),
-            ("JPEG XL lossless", cjxl is not None,
-             f"{cjxl} {' '.join(CJXL_ARGS)}" if cjxl
-             else "cjxl not found on PATH (install libjxl tools, e.g. apt install libjxl-tools)"),
+            ("WebP lossless", webp, "Pillow, lossless, method 6" if webp else "Pillow was built without WebP support"),
+            (
+                "JPEG XL lossless",
+                cjxl is not None,
+                f"{cjxl} {' '.join(CJXL_ARGS)}"
+                if cjxl
+                else "cjxl not found on PATH (install libjxl tools, e.g. apt install libjxl-tools)",
+            ),
         ],
         "audio": [
-            ("FLAC", flac_ok,
-             "soundfile/libsndfile, level 8; pcm16 as 16-bit, pcm8/mulaw8 bytes as 8-bit"
-             if flac_ok
-             else "this libsndfile has no FLAC support"),
+            (
+                "FLAC",
+                flac_ok,
+                "soundfile/libsndfile, level 8; pcm16 as 16-bit, pcm8/mulaw8 bytes as 8-bit"
+                if flac_ok
+                else "this libsndfile has no FLAC support",
+            ),
         ],
     }
 
 
 # --- measurement --------------------------------------------------------------------------------
-def codec_bpb(
-    modality: str, payloads: list[bytes], settings: dict | None = None
-) -> dict[str, dict]:
+def codec_bpb(modality: str, payloads: list[bytes], settings: dict | None = None) -> dict[str, dict]:
     """Bits per payload byte of every baseline codec of ``modality`` over ``payloads``.
 
     ``settings`` are the adapter's settings (``Modality.settings_dict()``): images need
@@ -204,8 +206,12 @@ def codec_bpb(
             results[name] = {"skipped": f"{name} failed: {err}"}
             continue
         bytes_out = sum(len(o) for o in outs)
-        results[name] = {"bpb": 8 * bytes_out / bytes_in, "bytes_in": bytes_in,
-                         "bytes_out": bytes_out, "samples": len(payloads)}
+        results[name] = {
+            "bpb": 8 * bytes_out / bytes_in,
+            "bytes_in": bytes_in,
+            "bytes_out": bytes_out,
+            "samples": len(payloads),
+        }
     return results
 
 

@@ -125,8 +125,13 @@ class ValStream(IterableDataset):
         # read errors and missing samples of shards every rank reads are counted by rank 0 alone;
         # the manifest's val total is checked where one process reads all of this source's shards
         alone = world == 1 and workers == 1
-        samples = read_shards(shards, self.counter, source.expected, source.val_total if alone else None,
-                              count_losses=keep_every == 1 or rank == 0)  # fmt: skip
+        samples = read_shards(
+            shards,
+            self.counter,
+            source.expected,
+            source.val_total if alone else None,
+            count_losses=keep_every == 1 or rank == 0,
+        )
         if keep_every > 1:
             samples = _keep_every(samples, keep_every, rank)
         tag = TAGS[source.modality]
@@ -279,9 +284,14 @@ class ByteDataModule(lightning.LightningDataModule):
         base = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
         seed = wds.utils.make_seed(base, self._restarts)
         stream = TrainStream(
-            [s for s, _ in active], [w for _, w in active], self.seq_len, self.batch_size,
-            self.shuffle_buffer, seed, self._counter,
-        )  # fmt: skip
+            [s for s, _ in active],
+            [w for _, w in active],
+            self.seq_len,
+            self.batch_size,
+            self.shuffle_buffer,
+            seed,
+            self._counter,
+        )
         return self._loader(stream, persistent=False)
 
     def val_dataloader(self) -> DataLoader:
@@ -293,8 +303,13 @@ class ByteDataModule(lightning.LightningDataModule):
     def _counters(self, split: str | None) -> list[SkipCounter]:
         if split not in (None, "train", "val"):
             raise ValueError(f"split must be 'train', 'val' or None, got {split!r}")
-        picked = [self._counter] if split == "train" else [self._val_counter] if split == "val" else \
-            [self._counter, self._val_counter]  # fmt: skip
+        picked = (
+            [self._counter]
+            if split == "train"
+            else [self._val_counter]
+            if split == "val"
+            else [self._counter, self._val_counter]
+        )
         return [c for c in picked if c is not None]
 
     @property

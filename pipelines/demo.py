@@ -74,8 +74,11 @@ def run_demo(out: Path, steps: int, minutes: float, samples: int) -> int:
         print(f"demo: replacing the previous demo run in {out / 'run'}", flush=True)
         shutil.rmtree(out / "run")
 
-    print(f"\ndemo: training {config} for {steps} steps on {torch.get_num_threads()} CPU threads "
-          f"(safety cap {minutes:g} min)", flush=True)  # fmt: skip
+    print(
+        f"\ndemo: training {config} for {steps} steps on {torch.get_num_threads()} CPU threads "
+        f"(safety cap {minutes:g} min)",
+        flush=True,
+    )
     from .lit import main as lit_main
 
     t_fit = time.perf_counter()
@@ -97,12 +100,30 @@ def run_demo(out: Path, steps: int, minutes: float, samples: int) -> int:
     sample_dirs, failed = {}, []
     audio = DEMO_SETTINGS["audio"]
     audio_bytes = audio["sample_rate"] // 2 * ENCODINGS[audio["encoding"]]  # half a second
-    jobs = (("image", samples, []), ("audio", 2, ["--max-bytes", str(audio_bytes)]),
-            ("text", 2, ["--max-bytes", "400"]))  # fmt: skip
+    jobs = (
+        ("image", samples, []),
+        ("audio", 2, ["--max-bytes", str(audio_bytes)]),
+        ("text", 2, ["--max-bytes", "400"]),
+    )
     for modality, num, extra in jobs:
         folder = out / "samples" / modality
-        args = ["--ckpt", str(ckpt), "--modality", modality, "--num", str(num), "--out", str(folder),
-                "--seed", "0", "--device", "cpu", "--temperature", str(DEMO_TEMPERATURE), *extra]  # fmt: skip
+        args = [
+            "--ckpt",
+            str(ckpt),
+            "--modality",
+            modality,
+            "--num",
+            str(num),
+            "--out",
+            str(folder),
+            "--seed",
+            "0",
+            "--device",
+            "cpu",
+            "--temperature",
+            str(DEMO_TEMPERATURE),
+            *extra,
+        ]
         if sample_main(args):
             print(f"demo: sampling {modality} failed (see the error above); going on", flush=True)
             failed.append(modality)
@@ -147,8 +168,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="polybyte demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="polybyte-demo", help="output folder (default: ./polybyte-demo)")
     p.add_argument("--steps", type=int, default=DEMO_STEPS, help="training steps (default %(default)s)")
-    p.add_argument("--minutes", type=float, default=DEMO_MINUTES,
-                   help="safety cap on training time in minutes (default %(default)s)")
+    p.add_argument(
+        "--minutes",
+        type=float,
+        default=DEMO_MINUTES,
+        help="safety cap on training time in minutes (default %(default)s)",
+    )
     p.add_argument("--samples", type=int, default=8, help="images to sample (default 8)")
     args = p.parse_args(argv)
     if args.steps < 1 or args.minutes <= 0:

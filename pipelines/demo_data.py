@@ -72,12 +72,19 @@ def ensure_demo_shards(cache_dir: str | Path | None = None, quiet: bool = False)
     shutil.rmtree(tmp, ignore_errors=True)
     if not quiet:
         print(f"demo: building the embedded dataset in {final} (once)", flush=True)
-    inputs = build_demo_inputs(tmp / "inputs", image_size=DEMO_SETTINGS["image"]["size"],
-                               sample_rate=DEMO_SETTINGS["audio"]["sample_rate"])  # fmt: skip
+    inputs = build_demo_inputs(
+        tmp / "inputs", image_size=DEMO_SETTINGS["image"]["size"], sample_rate=DEMO_SETTINGS["audio"]["sample_rate"]
+    )
     summary = {}
     for modality, settings in DEMO_SETTINGS.items():
-        manifest = write_shards(modality, [inputs[modality]], tmp / "shards" / modality, settings=settings,
-                                val_fraction=DEMO_VAL_FRACTION, max_doc_bytes=DEMO_MAX_DOC_BYTES)  # fmt: skip
+        manifest = write_shards(
+            modality,
+            [inputs[modality]],
+            tmp / "shards" / modality,
+            settings=settings,
+            val_fraction=DEMO_VAL_FRACTION,
+            max_doc_bytes=DEMO_MAX_DOC_BYTES,
+        )
         summary[modality] = {split: manifest["splits"][split]["samples"] for split in ("train", "val")}
     (tmp / "ready.json").write_text(json.dumps(summary, indent=2))
     try:
@@ -90,22 +97,66 @@ def ensure_demo_shards(cache_dir: str | Path | None = None, quiet: bool = False)
 # Standard-library modules whose sources make the code part of the text (paths relative to
 # the stdlib folder). Chosen for their long docstrings and plain, idiomatic code.
 STDLIB_SOURCES = (
-    "argparse.py", "base64.py", "bisect.py", "calendar.py", "collections/__init__.py",
-    "colorsys.py", "contextlib.py", "copy.py", "csv.py", "dataclasses.py", "datetime.py",
-    "difflib.py", "enum.py", "fnmatch.py", "fractions.py", "functools.py", "gettext.py",
-    "glob.py", "graphlib.py", "heapq.py", "html/parser.py", "ipaddress.py",
-    "json/__init__.py", "json/decoder.py", "json/encoder.py", "pprint.py", "queue.py",
-    "random.py", "sched.py", "shlex.py", "statistics.py", "string.py", "textwrap.py",
-    "timeit.py", "tokenize.py", "trace.py", "turtle.py", "typing.py", "zipfile.py",
+    "argparse.py",
+    "base64.py",
+    "bisect.py",
+    "calendar.py",
+    "collections/__init__.py",
+    "colorsys.py",
+    "contextlib.py",
+    "copy.py",
+    "csv.py",
+    "dataclasses.py",
+    "datetime.py",
+    "difflib.py",
+    "enum.py",
+    "fnmatch.py",
+    "fractions.py",
+    "functools.py",
+    "gettext.py",
+    "glob.py",
+    "graphlib.py",
+    "heapq.py",
+    "html/parser.py",
+    "ipaddress.py",
+    "json/__init__.py",
+    "json/decoder.py",
+    "json/encoder.py",
+    "pprint.py",
+    "queue.py",
+    "random.py",
+    "sched.py",
+    "shlex.py",
+    "statistics.py",
+    "string.py",
+    "textwrap.py",
+    "timeit.py",
+    "tokenize.py",
+    "trace.py",
+    "turtle.py",
+    "typing.py",
+    "zipfile.py",
 )
 
 # Shared palette of the procedural images (RGB); a small common palette is part of what makes
 # the images learnable across samples.
 PALETTE = np.array(
     [
-        (16, 16, 16), (240, 240, 240), (200, 40, 40), (40, 160, 60), (40, 80, 200),
-        (240, 200, 40), (40, 200, 200), (200, 60, 180), (240, 130, 30), (110, 60, 160),
-        (128, 128, 128), (120, 80, 40), (20, 30, 90), (0, 120, 120), (250, 170, 190),
+        (16, 16, 16),
+        (240, 240, 240),
+        (200, 40, 40),
+        (40, 160, 60),
+        (40, 80, 200),
+        (240, 200, 40),
+        (40, 200, 200),
+        (200, 60, 180),
+        (240, 130, 30),
+        (110, 60, 160),
+        (128, 128, 128),
+        (120, 80, 40),
+        (20, 30, 90),
+        (0, 120, 120),
+        (250, 170, 190),
         (120, 130, 40),
     ],
     dtype=np.float64,
@@ -142,19 +193,14 @@ def build_demo_inputs(
     an earlier, larger build survive).
     """
     if text_bytes < 1 or n_images < 1 or n_clips < 1:
-        raise ValueError(
-            f"text_bytes, n_images and n_clips must be positive; got {text_bytes}, {n_images}, "
-            f"{n_clips}"
-        )
+        raise ValueError(f"text_bytes, n_images and n_clips must be positive; got {text_bytes}, {n_images}, {n_clips}")
     if image_size < 4:
         raise ValueError(f"image_size must be at least 4 pixels; got {image_size}")
     if sample_rate < 1000:
         raise ValueError(f"sample_rate must be at least 1000 Hz; got {sample_rate}")
     lo, hi = clip_seconds
     if not 0.05 <= lo <= hi:
-        raise ValueError(
-            f"clip_seconds must be (min, max) with 0.05 <= min <= max; got {clip_seconds}"
-        )
+        raise ValueError(f"clip_seconds must be (min, max) with 0.05 <= min <= max; got {clip_seconds}")
 
     out_dir = Path(out_dir)
     dirs = {m: out_dir / m for m in MODALITIES}
@@ -176,16 +222,14 @@ def build_demo_inputs(
     for i in range(n_clips):
         rng = np.random.default_rng([seed, 2, i])
         clip = synth_clip(rng, sample_rate, seconds=float(rng.uniform(lo, hi)))
-        sf.write(dirs["audio"] / f"clip-{i:05d}.wav", clip, sample_rate, subtype="PCM_16",
-                 format="WAV")
+        sf.write(dirs["audio"] / f"clip-{i:05d}.wav", clip, sample_rate, subtype="PCM_16", format="WAV")
 
     record = {
         "seed": seed,
         "python": platform.python_version(),
         "text": {"documents": text_docs, "bytes": sum(d["bytes"] for d in text_docs)},
         "image": {"count": n_images, "size": image_size, "format": "png"},
-        "audio": {"count": n_clips, "sample_rate": sample_rate, "clip_seconds": [lo, hi],
-                  "format": "wav pcm16"},
+        "audio": {"count": n_clips, "sample_rate": sample_rate, "clip_seconds": [lo, hi], "format": "wav pcm16"},
     }
     (out_dir / "demo_inputs.json").write_text(json.dumps(record, indent=1) + "\n")
     return dirs
@@ -389,5 +433,5 @@ def _envelope(n: int, sample_rate: int, rng, decay: bool = True) -> np.ndarray:
         env[attack:] = np.exp(-np.arange(n - attack) / (rng.uniform(0.15, 0.6) * sample_rate))
     else:
         fade = min(n, int(0.02 * sample_rate))
-        env[n - fade:] *= np.linspace(1, 0, fade)
+        env[n - fade :] *= np.linspace(1, 0, fade)
     return env

@@ -122,9 +122,16 @@ def evaluate(
             source.settings = {**base, **source.settings}  # explicit settings still win
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    report: dict = {"checkpoint": str(ckpt), "step": info.get("step"), "backbone": info["model"]["backbone"],
-                    "seq_len": seq_len, "stride": stride, "params": model.num_params(), "modalities": {},
-                    "skipped": {"total": 0, **dict.fromkeys(SKIP_REASONS, 0)}}  # fmt: skip
+    report: dict = {
+        "checkpoint": str(ckpt),
+        "step": info.get("step"),
+        "backbone": info["model"]["backbone"],
+        "seq_len": seq_len,
+        "stride": stride,
+        "params": model.num_params(),
+        "modalities": {},
+        "skipped": {"total": 0, **dict.fromkeys(SKIP_REASONS, 0)},
+    }
     excerpt = None  # a text excerpt for BLT's patch plot
     for source in sources:
         adapter = source.adapter()
@@ -151,10 +158,15 @@ def evaluate(
         bits = float(result["meter"].bits.sum())
         count = int(result["meter"].count.sum())
         entry = {
-            "source": source.name, "samples": len(payloads), "payload_bytes": count, "windows": result["windows"],
-            "bpb": bits / count, "seconds": seconds, "settings": settings,
+            "source": source.name,
+            "samples": len(payloads),
+            "payload_bytes": count,
+            "windows": result["windows"],
+            "bpb": bits / count,
+            "seconds": seconds,
+            "settings": settings,
             "skipped": {"total": counter.skipped, **lost},
-        }  # fmt: skip
+        }
         if source.modality == "image":
             entry["bits_per_dim"] = entry["bpb"]  # 8-bit RGB: one byte per dimension
         if source.modality == "audio":
@@ -165,8 +177,9 @@ def evaluate(
             entry["codecs"] = codec_bpb(source.modality, payloads, settings)
         report["modalities"][source.name] = entry
         skipped = f"; {counter.skipped} skipped ({skip_summary(lost)})" if counter.skipped else ""
-        print(f"eval: {source.name}: {entry['bpb']:.4f} bits/byte over {count} bytes of {len(payloads)} samples"
-              f"{skipped}")  # fmt: skip
+        print(
+            f"eval: {source.name}: {entry['bpb']:.4f} bits/byte over {count} bytes of {len(payloads)} samples{skipped}"
+        )
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(markdown_report(report))
     plot_bpb(report, out / "bpb.png")
@@ -196,8 +209,7 @@ def _settings_arg(value) -> dict[str, dict] | None:
             raise ValueError(f"--adapter-settings is not JSON/YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
         raise ValueError(
-            f"--adapter-settings must map source names to settings, e.g. '{{\"image\": {{\"size\": 32}}}}'; "
-            f"got {value!r}"
+            f'--adapter-settings must map source names to settings, e.g. \'{{"image": {{"size": 32}}}}\'; got {value!r}'
         )
     return {str(k): dict(v) for k, v in value.items()}
 
@@ -219,15 +231,24 @@ def _check_settings(source: Source, settings: dict, trained: dict | None) -> Non
 
 
 def markdown_report(report: dict) -> str:
-    lines = [f"# polybyte eval — {report['backbone']}", "",
-             f"checkpoint `{report['checkpoint']}` (step {report.get('step', '?')}), "
-             f"{report['params'] / 1e6:.2f}M parameters, "
-             f"seq_len {report['seq_len']}, stride {report['stride']}", "",
-             f"Skipped: {_skipped_line(report.get('skipped') or {})}.", ""]  # fmt: skip
+    lines = [
+        f"# polybyte eval — {report['backbone']}",
+        "",
+        f"checkpoint `{report['checkpoint']}` (step {report.get('step', '?')}), "
+        f"{report['params'] / 1e6:.2f}M parameters, "
+        f"seq_len {report['seq_len']}, stride {report['stride']}",
+        "",
+        f"Skipped: {_skipped_line(report.get('skipped') or {})}.",
+        "",
+    ]
     for name, e in report["modalities"].items():
         unit = " (= bits/dim)" if "bits_per_dim" in e else (", bits/sample" if "bits_per_sample" in e else "")
-        lines += [f"## {name} ({e['samples']} samples, {e['payload_bytes']} payload bytes)", "",
-                  f"| method | bits/byte{unit} |", "|---|---|"]  # fmt: skip
+        lines += [
+            f"## {name} ({e['samples']} samples, {e['payload_bytes']} payload bytes)",
+            "",
+            f"| method | bits/byte{unit} |",
+            "|---|---|",
+        ]
         if (e.get("skipped") or {}).get("total"):
             lines[-2:-2] = [f"{_skipped_line(e['skipped'])} on the way.", ""]
         extra = e.get("bits_per_sample")
@@ -291,8 +312,9 @@ def plot_patches(model, text: bytes, path: Path, device) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="polybyte eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, help="checkpoint folder (or .ckpt) written by `polybyte fit`")
-    p.add_argument("--data", nargs="+", required=True, metavar="MODALITY=DIR",
-                   help="shard folders, e.g. text=shards/text")
+    p.add_argument(
+        "--data", nargs="+", required=True, metavar="MODALITY=DIR", help="shard folders, e.g. text=shards/text"
+    )
     p.add_argument("--out", required=True, help="report folder")
     p.add_argument("--codecs", action="store_true", help="also compress the same samples with classic codecs")
     p.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: seq_len)")
@@ -300,15 +322,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-samples", type=int, default=None, help="score only the first N val samples per source")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--adapter-settings", default=None, metavar="JSON",
-                   help="adapter settings per source name, as data.adapter_settings, e.g. "
-                        "'{\"image\": {\"size\": 32}}' (default: the manifest's; without one, the "
-                        "checkpoint's)")  # fmt: skip
+    p.add_argument(
+        "--adapter-settings",
+        default=None,
+        metavar="JSON",
+        help="adapter settings per source name, as data.adapter_settings, e.g. "
+        '\'{"image": {"size": 32}}\' (default: the manifest\'s; without one, the '
+        "checkpoint's)",
+    )
     args = p.parse_args(argv)
     try:
-        evaluate(args.ckpt, args.data, args.out, codecs=args.codecs, stride=args.stride, seq_len=args.seq_len,
-                 batch_size=args.batch_size, device=args.device, max_samples=args.max_samples,
-                 adapter_settings=args.adapter_settings)  # fmt: skip
+        evaluate(
+            args.ckpt,
+            args.data,
+            args.out,
+            codecs=args.codecs,
+            stride=args.stride,
+            seq_len=args.seq_len,
+            batch_size=args.batch_size,
+            device=args.device,
+            max_samples=args.max_samples,
+            adapter_settings=args.adapter_settings,
+        )
     except (ValueError, FileNotFoundError) as e:
         print(f"polybyte eval: error: {e}", file=sys.stderr)
         return 2

@@ -107,12 +107,12 @@ def check_same_step(ckpt: Path, config: Path, info: dict[str, Any]) -> None:
         )
     step, exported = ckpt_step(ckpt), info.get("step")
     if exported is None:
-        raise ValueError(f"{config} records no training step, so it cannot be matched with {ckpt}; "
-                         f"pass the folder {config.parent} to use it as it is")  # fmt: skip
+        raise ValueError(
+            f"{config} records no training step, so it cannot be matched with {ckpt}; "
+            f"pass the folder {config.parent} to use it as it is"
+        )
     if int(exported) != step:
         raise ValueError(
             f"{ckpt} is at step {step} but its export {config} is at step {exported}: they come from different "
             f"saves (one was interrupted); pass the folder {config.parent} to use the step-{exported} export"
         )
-
-

@@ -165,8 +165,10 @@ class PolybyteCLI(LightningCLI):
         root = config.get("default_root_dir") or os.getcwd()  # what the Trainer defaults to
         if config.get("logger") in (None, True) and "logger" not in kwargs:
             every = config.get("log_every_n_steps") or 50
-            kwargs["logger"] = [TensorBoardLogger(root, name="tb"),
-                                CSVLogger(root, name="csv", flush_logs_every_n_steps=every)]  # fmt: skip
+            kwargs["logger"] = [
+                TensorBoardLogger(root, name="tb"),
+                CSVLogger(root, name="csv", flush_logs_every_n_steps=every),
+            ]
         trainer = super().instantiate_trainer(**kwargs)
         for callback in trainer.checkpoint_callbacks:
             if isinstance(callback, ExportCheckpoint):
@@ -191,21 +193,32 @@ class PolybyteCLI(LightningCLI):
         Lightning would) and check the file before Lightning loads it."""
         config = self.config_init[self.subcommand]
         asked = config.get("ckpt_path")
-        folders = [Path(cb.dirpath) for cb in self.trainer.checkpoint_callbacks
-                   if isinstance(cb, ModelCheckpoint) and cb.dirpath]  # fmt: skip
+        folders = [
+            Path(cb.dirpath)
+            for cb in self.trainer.checkpoint_callbacks
+            if isinstance(cb, ModelCheckpoint) and cb.dirpath
+        ]
         where = ", ".join(str(f) for f in folders) or "no checkpoint folder (no checkpoint callback)"
         path, why = asked, ""
         if asked == "last":
-            found = {p for cb in self.trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)
-                     for p in cb._find_last_checkpoints(self.trainer)}  # fmt: skip
+            found = {
+                p
+                for cb in self.trainer.checkpoint_callbacks
+                if isinstance(cb, ModelCheckpoint)
+                for p in cb._find_last_checkpoints(self.trainer)
+            }
             path = max(found, key=os.path.getmtime) if found else None
             why = " and no last.ckpt for --ckpt_path last" if path is None else ""
             if path is None and not fit:
-                raise ValueError(f"--ckpt_path last: no last.ckpt in {where}; nothing to validate "
-                                 f"(pass a .ckpt file, or the run's --trainer.default_root_dir)")  # fmt: skip
+                raise ValueError(
+                    f"--ckpt_path last: no last.ckpt in {where}; nothing to validate "
+                    f"(pass a .ckpt file, or the run's --trainer.default_root_dir)"
+                )
         elif asked is None and not fit:
-            raise ValueError(f"no checkpoint to validate: pass --ckpt_path last (the newest last.ckpt in {where}) "
-                             f"or --ckpt_path FILE.ckpt; an untrained model is not validated")  # fmt: skip
+            raise ValueError(
+                f"no checkpoint to validate: pass --ckpt_path last (the newest last.ckpt in {where}) "
+                f"or --ckpt_path FILE.ckpt; an untrained model is not validated"
+            )
         elif asked is not None:
             text = str(asked)
             if text in ("best", "hpc") or "://" in text or text.startswith("registry:"):
@@ -264,9 +277,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"polybyte {command[0]}: error: {e}", file=sys.stderr)
         return 2
     except SIGTERMException:
-        signum = next((cb.received_signal for t in trainers for cb in t.callbacks
-                       if isinstance(cb, ExportCheckpoint) and cb.received_signal), signal.SIGTERM)  # fmt: skip
-        print(f"polybyte {command[0]}: stopped by {signal.Signals(signum).name}; `last` checkpoint saved, "
-              f"resume with --ckpt_path last", file=sys.stderr)  # fmt: skip
+        signum = next(
+            (
+                cb.received_signal
+                for t in trainers
+                for cb in t.callbacks
+                if isinstance(cb, ExportCheckpoint) and cb.received_signal
+            ),
+            signal.SIGTERM,
+        )
+        print(
+            f"polybyte {command[0]}: stopped by {signal.Signals(signum).name}; `last` checkpoint saved, "
+            f"resume with --ckpt_path last",
+            file=sys.stderr,
+        )
         return 128 + signum
     return 0

@@ -28,9 +28,17 @@ def lucidrains_megabyte(config) -> torch.nn.Module:
 
     c = config
     Wg = c.patch_size * c.global_dim
-    net = MEGABYTE(num_tokens=c.vocab_size, dim=(Wg, c.local_dim), depth=(c.global_layers, c.local_layers),
-                   max_seq_len=(c.max_seq_len // c.patch_size, c.patch_size), dim_head=Wg // c.global_heads,
-                   heads=c.global_heads, ff_mult=4, pad_id=c.pad_id, flash_attn=True)  # fmt: skip
+    net = MEGABYTE(
+        num_tokens=c.vocab_size,
+        dim=(Wg, c.local_dim),
+        depth=(c.global_layers, c.local_layers),
+        max_seq_len=(c.max_seq_len // c.patch_size, c.patch_size),
+        dim_head=Wg // c.global_heads,
+        heads=c.global_heads,
+        ff_mult=4,
+        pad_id=c.pad_id,
+        flash_attn=True,
+    )
 
     class Logits(torch.nn.Module):
         def __init__(self):
@@ -56,21 +64,38 @@ def transformers_blt(config) -> torch.nn.Module:
     c, T, k = config, config.max_seq_len, config.cross_attn_k
 
     def local(m, **extra):
-        return dict(hidden_size=m.dim, num_attention_heads=m.n_heads, num_hidden_layers=m.n_layers,
-                    intermediate_size=m.mlp_hidden or swiglu_hidden(m.dim), max_position_embeddings=T,
-                    vocab_size=c.vocab_size, cross_attn_k=k, hidden_size_global=c.latent.dim, **extra)  # fmt: skip
+        return dict(
+            hidden_size=m.dim,
+            num_attention_heads=m.n_heads,
+            num_hidden_layers=m.n_layers,
+            intermediate_size=m.mlp_hidden or swiglu_hidden(m.dim),
+            max_position_embeddings=T,
+            vocab_size=c.vocab_size,
+            cross_attn_k=k,
+            hidden_size_global=c.latent.dim,
+            **extra,
+        )
 
     G = c.latent
     hf = BltConfig(
-        vocab_size=c.vocab_size, max_position_embeddings=T, patch_in_forward=False,
-        patch_size=c.patcher.patch_size, cross_attn_k=k,
+        vocab_size=c.vocab_size,
+        max_position_embeddings=T,
+        patch_in_forward=False,
+        patch_size=c.patcher.patch_size,
+        cross_attn_k=k,
         encoder_hash_byte_group_size=list(c.hash_ngrams.sizes),
         encoder_hash_byte_group_vocab=c.hash_ngrams.table_size,
         encoder_hash_byte_group_nb_functions=c.hash_ngrams.num_functions,
-        encoder_config=local(c.encoder), decoder_config=local(c.decoder),
-        global_config=dict(hidden_size=G.dim, num_attention_heads=G.n_heads, num_hidden_layers=G.n_layers,
-                           intermediate_size=G.mlp_hidden or swiglu_hidden(G.dim), max_position_embeddings=T),
-    )  # fmt: skip
+        encoder_config=local(c.encoder),
+        decoder_config=local(c.decoder),
+        global_config=dict(
+            hidden_size=G.dim,
+            num_attention_heads=G.n_heads,
+            num_hidden_layers=G.n_layers,
+            intermediate_size=G.mlp_hidden or swiglu_hidden(G.dim),
+            max_position_embeddings=T,
+        ),
+    )
     hf._attn_implementation = "sdpa"
     net = BltForCausalLM(hf)
     P = c.patcher.patch_size

@@ -55,23 +55,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num", type=int, default=4, help="number of samples (default %(default)s)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--prompt", help="file to continue: an image, an audio file or a text file")
-    p.add_argument("--prompt-fraction", type=float, default=0.5,
-                   help="image: fraction of rows kept from the top; audio: fraction of the clip "
-                        "kept, unless --prompt-seconds (default %(default)s)")
+    p.add_argument(
+        "--prompt-fraction",
+        type=float,
+        default=0.5,
+        help="image: fraction of rows kept from the top; audio: fraction of the clip "
+        "kept, unless --prompt-seconds (default %(default)s)",
+    )
     p.add_argument("--prompt-seconds", type=float, help="audio: seconds of the prompt kept")
-    p.add_argument("--max-bytes", type=int,
-                   help="bytes per sample, prompt included for image and audio, new bytes for text "
-                        "(default: one image / one clip (or seq_len - 1) / 512)")
+    p.add_argument(
+        "--max-bytes",
+        type=int,
+        help="bytes per sample, prompt included for image and audio, new bytes for text "
+        "(default: one image / one clip (or seq_len - 1) / 512)",
+    )
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0 = greedy")
     p.add_argument("--top-k", type=int, help="sample among the k most likely bytes")
     p.add_argument("--top-p", type=float, help="nucleus sampling: smallest set of bytes with probability >= p")
     p.add_argument("--seed", type=int, help="random seed (reproducible samples)")
     p.add_argument("--batch-size", type=int, help="rows sampled together (default: --num)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--dtype", choices=["bf16", "fp32"],
-                   help="weights and compute in bf16 (default on CUDA) or fp32 (default on CPU)")
-    p.add_argument("--no-compile", dest="compile", action="store_false",
-                   help="do not torch.compile the decoding steps (compiled by default on CUDA)")
+    p.add_argument(
+        "--dtype",
+        choices=["bf16", "fp32"],
+        help="weights and compute in bf16 (default on CUDA) or fp32 (default on CPU)",
+    )
+    p.add_argument(
+        "--no-compile",
+        dest="compile",
+        action="store_false",
+        help="do not torch.compile the decoding steps (compiled by default on CUDA)",
+    )
     return p
 
 
@@ -149,11 +163,17 @@ def _sample(model, tag: int, prompt: bytes, new_bytes: int, args, device, dtype)
             seed = None if args.seed is None else args.seed + first
             try:
                 samples += generate(
-                    model, tag, [prompt] * n, new_bytes,
-                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=seed,
+                    model,
+                    tag,
+                    [prompt] * n,
+                    new_bytes,
+                    temperature=args.temperature,
+                    top_k=args.top_k,
+                    top_p=args.top_p,
+                    seed=seed,
                     stop_at_eos=tag == TAGS["text"],
                     progress=lambda k: bar.advance(task, k),
-                )  # fmt: skip
+                )
             except ValueError as e:  # e.g. a window longer than the model's positions
                 raise UsageError(str(e)) from None
     if device.type == "cuda":
@@ -222,7 +242,7 @@ class _ImageJob(_Job):
             raise UsageError(f"--prompt-fraction must be in [0, 1) for images, got {frac}")
         row_bytes = 3 * size
         # whole rows (whole block rows in patch{k} order), and a whole number of model patches
-        step = int(order[len("patch"):]) if order.startswith("patch") else 1
+        step = int(order[len("patch") :]) if order.startswith("patch") else 1
         P = _patch_multiple(self.model)
         step *= P // math.gcd(P, row_bytes * step)
         rows = int(frac * size) // step * step

@@ -110,8 +110,12 @@ class _SplitWriter:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
-        return {"samples": self.samples, "payload_bytes": self.payload_bytes, "shards": self.shards,
-                "shard_samples": self.shard_samples}  # fmt: skip
+        return {
+            "samples": self.samples,
+            "payload_bytes": self.payload_bytes,
+            "shards": self.shards,
+            "shard_samples": self.shard_samples,
+        }
 
 
 # --- inputs -----------------------------------------------------------------------------------
@@ -137,9 +141,7 @@ def expand_inputs(inputs: Iterable[str | Path], extensions: Sequence[str]) -> li
             found.append(_Input(path, name))
 
     def add_folder(folder: Path, spec: str) -> None:
-        files = sorted(
-            f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in extensions
-        )
+        files = sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in extensions)
         if not files:
             raise ValueError(f"folder {spec} holds no {'/'.join(extensions)} files")
         for f in files:
@@ -184,9 +186,7 @@ def _is_val(group: str, val_fraction: float, seed: int) -> bool:
 # --- per-modality samples ---------------------------------------------------------------------
 # Each reads one input file and raises ValueError/OSError before its first sample if the file
 # is unreadable; ``skip(source, reason)`` records a bad record inside an otherwise good file.
-def _text_samples(
-    adapter, item: _Input, slug: str, source: str, opts: dict, skip
-) -> Iterator[_Sample]:
+def _text_samples(adapter, item: _Input, slug: str, source: str, opts: dict, skip) -> Iterator[_Sample]:
     adapter.check_size(item.path.stat().st_size)  # before reading it
     data = item.path.read_bytes()
     ext = item.path.suffix.lower()
@@ -197,10 +197,7 @@ def _text_samples(
                 why = "empty text" if text == "" else f"no string field {adapter.settings.field!r}"
                 skip(f"{source}#{rec}", f"record {rec}: {why}")
                 continue
-            docs += [
-                (part, {"record": rec})
-                for part in split_documents(text.encode("utf-8"), opts["max_doc_bytes"])
-            ]
+            docs += [(part, {"record": rec}) for part in split_documents(text.encode("utf-8"), opts["max_doc_bytes"])]
     else:
         docs = [(part, {}) for part in split_documents(data, opts["max_doc_bytes"])]
     if not docs:
@@ -217,9 +214,7 @@ def _png(pixels: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _image_samples(
-    adapter, item: _Input, slug: str, source: str, opts: dict, skip
-) -> Iterator[_Sample]:
+def _image_samples(adapter, item: _Input, slug: str, source: str, opts: dict, skip) -> Iterator[_Sample]:
     base = {"modality": "image", "source": source, "size": adapter.settings.size}
     if item.path.suffix.lower() == ".npz":
         size = adapter.settings.size
@@ -234,16 +229,12 @@ def _image_samples(
         yield _Sample(slug, slug, "png", _png(pixels), base, adapter.payload_bytes)
 
 
-def _audio_samples(
-    adapter, item: _Input, slug: str, source: str, opts: dict, skip
-) -> Iterator[_Sample]:
+def _audio_samples(adapter, item: _Input, slug: str, source: str, opts: dict, skip) -> Iterator[_Sample]:
     rate, clip_seconds = adapter.settings.sample_rate, adapter.settings.clip_seconds
     wave = adapter.load(item.path.read_bytes())
     clips = clip_waveform(wave, rate, clip_seconds)
     if not clips:
-        raise ValueError(
-            "no audio" if len(wave) == 0 else f"shorter than a quarter of a {clip_seconds}s clip"
-        )
+        raise ValueError("no audio" if len(wave) == 0 else f"shorter than a quarter of a {clip_seconds}s clip")
     start = 0
     for i, clip in enumerate(clips):
         pcm = to_int16(clip)
@@ -274,10 +265,7 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
     old = sorted(out_dir.glob("train-*.tar")) + sorted(out_dir.glob("val-*.tar"))
     old += [out_dir / MANIFEST] if (out_dir / MANIFEST).exists() else []
     if old and not overwrite:
-        raise ValueError(
-            f"{out_dir} already holds shards ({old[0].name}, ...); "
-            "pass --overwrite or pick another --out"
-        )
+        raise ValueError(f"{out_dir} already holds shards ({old[0].name}, ...); pass --overwrite or pick another --out")
     for path in old:
         path.unlink()
 
@@ -316,17 +304,13 @@ def write_shards(
     modality, setting, missing input, or an ``out_dir`` that already holds shards (unless
     ``overwrite``, which deletes the old shards and manifest first).
     """
-    adapter = (
-        modality if isinstance(modality, Modality) else get_modality(modality, **(settings or {}))
-    )
+    adapter = modality if isinstance(modality, Modality) else get_modality(modality, **(settings or {}))
     if not 0.0 <= val_fraction <= 1.0:
         raise ValueError(f"val_fraction must be within [0, 1], got {val_fraction}")
     if maxcount < 1 or maxsize < 1:
         raise ValueError(f"maxcount and maxsize must be positive, got {maxcount} and {maxsize}")
     if max_doc_bytes < 4:
-        raise ValueError(
-            f"max_doc_bytes must be at least 4 (one UTF-8 character), got {max_doc_bytes}"
-        )
+        raise ValueError(f"max_doc_bytes must be at least 4 (one UTF-8 character), got {max_doc_bytes}")
     inputs = [str(i) for i in inputs]
     files = expand_inputs(inputs, input_extensions(adapter))
     out_dir = Path(out_dir)
@@ -393,9 +377,7 @@ def write_shards(
         "splits": {split: w.close() for split, w in writers.items()},
         "skipped": skipped,
     }
-    (out_dir / MANIFEST).write_text(
-        json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-    )
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return manifest
 
 
@@ -434,8 +416,7 @@ def _byte_count(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="polybyte shard",
-        description="Turn text/image/audio files into webdataset shards "
-        "(train-*.tar, val-*.tar, manifest.json).",
+        description="Turn text/image/audio files into webdataset shards (train-*.tar, val-*.tar, manifest.json).",
     )
     p.add_argument("modality", choices=available(), help="which adapter reads the inputs")
     p.add_argument(
@@ -446,9 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
         ".txt/.json/.jsonl for text",
     )
     p.add_argument("--out", required=True, type=Path, help="output folder")
-    p.add_argument(
-        "--val-fraction", type=float, default=0.05, help="share of samples for val (default 0.05)"
-    )
+    p.add_argument("--val-fraction", type=float, default=0.05, help="share of samples for val (default 0.05)")
     p.add_argument("--maxcount", type=int, default=DEFAULT_MAXCOUNT, help="samples per shard")
     p.add_argument(
         "--maxsize",
@@ -466,9 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("adapter options")
     g.add_argument("--size", type=int, help="image: square side in pixels (default 64)")
     g.add_argument("--order", help="image: 'raster' (default) or 'patch{k}', e.g. patch4")
-    g.add_argument(
-        "--sample-rate", type=int, help="audio: resample to this rate in Hz (default 16000)"
-    )
+    g.add_argument("--sample-rate", type=int, help="audio: resample to this rate in Hz (default 16000)")
     g.add_argument("--encoding", help="audio: pcm16 (default), mulaw8 or pcm8")
     g.add_argument("--clip-seconds", type=float, help="audio: cut recordings into clips this long")
     g.add_argument("--field", help="text: JSON field holding the text (default 'text')")
@@ -482,17 +459,13 @@ def build_parser() -> argparse.ArgumentParser:
         "resource limits (inputs above them are skipped before decoding; recorded in the manifest)"
     )
     limits.add_argument("--max-pixels", type=_count, help="image: most width x height decoded (default 64e6)")
-    limits.add_argument(
-        "--max-seconds", type=float, help="audio: longest recording, before resampling (default 600)"
-    )
+    limits.add_argument("--max-seconds", type=float, help="audio: longest recording, before resampling (default 600)")
     limits.add_argument(
         "--max-decoded-samples",
         type=_count,
         help="audio: most frames x channels decoded per file (default 2**26)",
     )
-    limits.add_argument(
-        "--max-member-bytes", type=_byte_count, help="text: largest input file (default 128 MiB)"
-    )
+    limits.add_argument("--max-member-bytes", type=_byte_count, help="text: largest input file (default 128 MiB)")
     return p
 
 

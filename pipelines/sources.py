@@ -275,9 +275,14 @@ class SkipCounter:
             self._seen.value += 1
 
     def skip(
-        self, what: str, over_limit: bool = False, *, reason: str | None = None, shard: str | None = None,
+        self,
+        what: str,
+        over_limit: bool = False,
+        *,
+        reason: str | None = None,
+        shard: str | None = None,
         count: int = 1,
-    ) -> None:  # fmt: skip
+    ) -> None:
         """Count ``count`` lost samples (reason: ``over_limit`` when set, else ``undecodable``)
         from ``shard``; raise `TooManyBadSamples`, naming the shard, once past the allowed fraction."""
         reason = reason or ("over_limit" if over_limit else "undecodable")
@@ -336,9 +341,12 @@ class ShardRead:
 
 
 def read_shards(
-    urls: Iterable[str], counter: SkipCounter, expected: Mapping[str, int] | None = None,
-    expected_total: int | None = None, count_losses: bool = True,
-) -> Iterator[dict]:  # fmt: skip
+    urls: Iterable[str],
+    counter: SkipCounter,
+    expected: Mapping[str, int] | None = None,
+    expected_total: int | None = None,
+    count_losses: bool = True,
+) -> Iterator[dict]:
     """webdataset samples of each shard in turn, every lost sample counted once in ``counter``.
 
     A read error (truncated member, corrupt tar, missing file) counts one ``shard_error``: the
@@ -359,8 +367,12 @@ def read_shards(
         lost = expected_total - sum(t.ok + t.skipped + t.dropped for t in reads)
         if lost > 0:
             where = reads[0].url if len(reads) == 1 else f"{len(reads)} shards ({reads[0].url}, ...)"
-            counter.skip(f"{where}: {lost} of the {expected_total} val samples the manifest lists are missing",
-                         reason="missing", shard=reads[0].url if reads else None, count=lost)  # fmt: skip
+            counter.skip(
+                f"{where}: {lost} of the {expected_total} val samples the manifest lists are missing",
+                reason="missing",
+                shard=reads[0].url if reads else None,
+                count=lost,
+            )
 
 
 def _read_shard(tally: ShardRead, counter: SkipCounter, expected: int | None, count_losses: bool) -> Iterator[dict]:
@@ -386,8 +398,13 @@ def _read_shard(tally: ShardRead, counter: SkipCounter, expected: int | None, co
     if expected is not None and count_losses:
         lost = expected - tally.ok - tally.skipped - tally.dropped
         if lost > 0:
-            counter.skip(f"{url}: {lost} of the {expected} samples its manifest lists are missing "
-                         f"(the shard ends after {tally.read})", reason="missing", shard=url, count=lost)  # fmt: skip
+            counter.skip(
+                f"{url}: {lost} of the {expected} samples its manifest lists are missing "
+                f"(the shard ends after {tally.read})",
+                reason="missing",
+                shard=url,
+                count=lost,
+            )
 
 
 # --- decoding ---------------------------------------------------------------------------------

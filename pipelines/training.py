@@ -53,17 +53,25 @@ def check_model_dict(model: Any) -> None:
     fields = {f.name for n in ([name] if name else known) for f in dataclasses.fields(config_class(n))}
     stray = sorted(k for k in model if k not in ("backbone", "preset") and k not in fields)
     if stray:
-        hints = [f"{k!r}" + (f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, fields, 1)) else "")
-                 for k in stray]  # fmt: skip
+        hints = [
+            f"{k!r}" + (f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, fields, 1)) else "")
+            for k in stray
+        ]
         owner = f"backbone {name!r}" if name else "any backbone"
-        raise ValueError(f"model.model: unknown key {', '.join(hints)}: not a field of {owner}"
-                         + ("" if name else "; a dict given on the command line replaces the config's whole "
-                            "model.model, so give its backbone too, or set one field with "
-                            "--model.model.KEY VALUE"))  # fmt: skip
+        raise ValueError(
+            f"model.model: unknown key {', '.join(hints)}: not a field of {owner}"
+            + (
+                ""
+                if name
+                else "; a dict given on the command line replaces the config's whole "
+                "model.model, so give its backbone too, or set one field with "
+                "--model.model.KEY VALUE"
+            )
+        )
     if name is None:
         raise ValueError(
             f"model.model names no backbone (keys given: {sorted(model)}): a dict given on the command line "
-            f"replaces the config's whole model.model, so add \"backbone\" (one of {known}), or set one field "
+            f'replaces the config\'s whole model.model, so add "backbone" (one of {known}), or set one field '
             f"with --model.model.KEY VALUE"
         )
 
@@ -134,8 +142,11 @@ class ByteLMModule(L.LightningModule):
         want = {k: v for k, v in config_to_dict(target.config).items() if k != "max_seq_len"}
         have = {k: v for k, v in info["model"].items() if k != "max_seq_len"}
         if want != have:
-            differ = ", ".join(f"{k}: config {want.get(k)!r} vs file {have.get(k)!r}"
-                               for k in sorted(want.keys() | have.keys()) if want.get(k) != have.get(k))  # fmt: skip
+            differ = ", ".join(
+                f"{k}: config {want.get(k)!r} vs file {have.get(k)!r}"
+                for k in sorted(want.keys() | have.keys())
+                if want.get(k) != have.get(k)
+            )
             raise ValueError(f"entropy model at {path} does not match model.model.entropy_model ({differ})")
         missing, unexpected = target.load_state_dict(loaded.state_dict(), strict=False)
         if missing or unexpected:
@@ -276,9 +287,11 @@ class ByteLMModule(L.LightningModule):
             return
         lost = skips or {}
         shards = "; ".join(f"{m}: {len(expected[m].val)} val shards, e.g. {expected[m].val[0]}" for m in empty)
-        message = (f"validation scored no {' or '.join(empty)} sample although the data has val shards ({shards}); "
-                   f"{sum(lost.values())} val samples were skipped ({skip_summary(lost)}), "
-                   f"reasons in the warnings above")  # fmt: skip
+        message = (
+            f"validation scored no {' or '.join(empty)} sample although the data has val shards ({shards}); "
+            f"{sum(lost.values())} val samples were skipped ({skip_summary(lost)}), "
+            f"reasons in the warnings above"
+        )
         if self.trainer.state.fn == "validate":
             raise ValueError(message)
         if self.trainer.is_global_zero:

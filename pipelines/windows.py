@@ -113,7 +113,6 @@ def clip_windows(payload: bytes, seq_len: int) -> list[np.ndarray]:
     return [w for w, _ in stream_windows(sample_stream(payload, TAGS["image"]), seq_len)]
 
 
-
 def train_windows(payloads: Iterable[bytes], modality: str, seq_len: int) -> Iterator[np.ndarray]:
     """Training windows: packed text (the stream is endless: no final partial window), one clip
     per window else."""

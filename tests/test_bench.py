@@ -11,13 +11,27 @@ from polybyte.pipelines import bench
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-MEGABYTE = dict(backbone="megabyte", patch_size=4, global_dim=16, global_layers=1, global_heads=2,
-                local_dim=32, local_layers=1, local_heads=2, max_seq_len=64)  # fmt: skip
-BLT = dict(backbone="blt", max_seq_len=64,
-           patcher=dict(kind="entropy", patch_size=4, max_patch_len=16, max_patches_ratio=1.25),
-           hash_ngrams=dict(sizes=[3, 4], table_size=64), encoder=dict(dim=32, n_layers=1, n_heads=2, window=16),
-           latent=dict(dim=64, n_layers=1, n_heads=2), decoder=dict(dim=32, n_layers=1, n_heads=2, window=16),
-           entropy_model=dict(dim=32, n_layers=1, n_heads=2, window=16, max_seq_len=64))  # fmt: skip
+MEGABYTE = dict(
+    backbone="megabyte",
+    patch_size=4,
+    global_dim=16,
+    global_layers=1,
+    global_heads=2,
+    local_dim=32,
+    local_layers=1,
+    local_heads=2,
+    max_seq_len=64,
+)
+BLT = dict(
+    backbone="blt",
+    max_seq_len=64,
+    patcher=dict(kind="entropy", patch_size=4, max_patch_len=16, max_patches_ratio=1.25),
+    hash_ngrams=dict(sizes=[3, 4], table_size=64),
+    encoder=dict(dim=32, n_layers=1, n_heads=2, window=16),
+    latent=dict(dim=64, n_layers=1, n_heads=2),
+    decoder=dict(dim=32, n_layers=1, n_heads=2, window=16),
+    entropy_model=dict(dim=32, n_layers=1, n_heads=2, window=16, max_seq_len=64),
+)
 
 
 def write(tmp_path, name, model):
@@ -32,13 +46,30 @@ def test_peers_are_timed_beside_ours_in_the_same_run(tmp_path, capsys):
         pytest.skip(f"bench extra not installed (missing {missing})")
     configs = [write(tmp_path, "mb.yaml", MEGABYTE), write(tmp_path, "blt.yaml", BLT)]
     out_json = tmp_path / "rows.json"
-    argv = ["--what", "train", "--model", *configs, "--peers", "--steps", "1", "--warmup", "1",
-            "--train-batch-size", "2", "--json", str(out_json)]  # fmt: skip
+    argv = [
+        "--what",
+        "train",
+        "--model",
+        *configs,
+        "--peers",
+        "--steps",
+        "1",
+        "--warmup",
+        "1",
+        "--train-batch-size",
+        "2",
+        "--json",
+        str(out_json),
+    ]
     assert bench.main(argv) == 0
     out = capsys.readouterr().out
     rows = json.loads(out_json.read_text())
-    assert [r["name"] for r in rows] == ["mb.yaml", "lucidrains MEGABYTE @ mb.yaml", "blt.yaml",
-                                         "transformers BLT @ blt.yaml"]  # fmt: skip
+    assert [r["name"] for r in rows] == [
+        "mb.yaml",
+        "lucidrains MEGABYTE @ mb.yaml",
+        "blt.yaml",
+        "transformers BLT @ blt.yaml",
+    ]
     ours, peer = rows[0], rows[1]
     assert ours["peer"] == peer["name"] and ours["vs_peer"] == pytest.approx(ours["bytes_per_s"] / peer["bytes_per_s"])
     assert peer["ours_vs_peer"] == pytest.approx(ours["vs_peer"]) and peer["impl"] == "MEGABYTE_pytorch"
@@ -49,12 +80,15 @@ def test_peers_are_timed_beside_ours_in_the_same_run(tmp_path, capsys):
     assert "blt.yaml: " in out and "x transformers BLT @ blt.yaml (bytes/s, same run)" in out
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--model", "no/such.yaml"], "config not found: no/such.yaml"),
-    (["--steps", "0"], "--steps and --train-batch-size must be >= 1"),
-    (["--text", "no/such.txt"], "--text no/such.txt: no such file"),
-    (["--peers"], "--peers needs the bench extra"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--model", "no/such.yaml"], "config not found: no/such.yaml"),
+        (["--steps", "0"], "--steps and --train-batch-size must be >= 1"),
+        (["--text", "no/such.txt"], "--text no/such.txt: no such file"),
+        (["--peers"], "--peers needs the bench extra"),
+    ],
+)
 def test_bad_train_input_is_one_line_and_exit_2(extra, message, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(bench, "missing_peers", lambda: ["MEGABYTE_pytorch"])
     config = write(tmp_path, "mb.yaml", MEGABYTE)

@@ -65,7 +65,7 @@ def test_blt_is_causal_for_every_patcher(kind):
             out = model(changed, modality)
             # logits[:, t] predicts ids[:, t]: positions <= t see only ids[:, :t]
             assert (out[:, : t + 1] - ref[:, : t + 1]).abs().max() < 1e-5, f"leak at t={t}"
-            assert torch.equal(model.patch(changed, modality)[1][:, :t + 1], ref_patches[:, : t + 1])
+            assert torch.equal(model.patch(changed, modality)[1][:, : t + 1], ref_patches[:, : t + 1])
         # the modality tag conditions every prediction, byte 0's included
         other = model(ids, torch.tensor([IMAGE, TEXT]))
         assert (other[:, 0] - ref[:, 0]).abs().max() > 1e-4
@@ -75,9 +75,14 @@ def test_latent_state_carries_every_byte_of_the_previous_patch():
     # Windows of 2 bytes: local attention reaches back ~4 positions, so a change further back
     # can only arrive through the latent state of the previous patch.
     torch.manual_seed(0)
-    model = BLT(tiny("strided", patcher=dict(kind="strided", patch_size=16),
-                     encoder=dict(dim=32, n_layers=2, n_heads=2, window=2),
-                     decoder=dict(dim=32, n_layers=2, n_heads=2, window=2))).eval()
+    model = BLT(
+        tiny(
+            "strided",
+            patcher=dict(kind="strided", patch_size=16),
+            encoder=dict(dim=32, n_layers=2, n_heads=2, window=2),
+            decoder=dict(dim=32, n_layers=2, n_heads=2, window=2),
+        )
+    ).eval()
     ids = text_ids(1, 48, seed=6)
     modality = torch.tensor([TEXT])
     with torch.no_grad():
@@ -151,8 +156,9 @@ def test_stepping_the_stages_with_caches_matches_the_full_forward(kind):
                 patch_start = t
             assert int(full_patch_ids[0, t]) == cache.latent[0].length - 1  # same patches as the full forward
             # 4. local decoder, one byte
-            step_logits = model.decode(history[-1][t], slots, torch.zeros(1, 1, dtype=torch.long),
-                                       torch.tensor([t]), cache.decoder)
+            step_logits = model.decode(
+                history[-1][t], slots, torch.zeros(1, 1, dtype=torch.long), torch.tensor([t]), cache.decoder
+            )
             assert (step_logits[:, 0] - full[:, t]).abs().max() < 1e-5, f"t={t}"
 
 

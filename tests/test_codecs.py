@@ -144,8 +144,7 @@ def test_jpeg_xl_is_lossless(tmp_path):
     im = structured_image(32, 5)
     data = codecs.jxl_lossless(Image.fromarray(im), shutil.which("cjxl"), tmp_path)
     (tmp_path / "x.jxl").write_bytes(data)
-    subprocess.run(["djxl", str(tmp_path / "x.jxl"), str(tmp_path / "x.png")], check=True,
-                   capture_output=True)
+    subprocess.run(["djxl", str(tmp_path / "x.jxl"), str(tmp_path / "x.png")], check=True, capture_output=True)
     assert np.array_equal(np.asarray(Image.open(tmp_path / "x.png").convert("RGB")), im)
     res = codec_bpb("image", [im.tobytes()], {"size": 32})
     assert res["JPEG XL lossless"]["bytes_out"] == len(data)
@@ -200,11 +199,12 @@ def test_flac_is_lossless_on_real_audio(shared_data):
 def test_8bit_encodings_are_coded_losslessly_per_payload_byte(shared_data, encoding):
     waves, rate = read_speech(shared_data)
     if encoding == "mulaw8":
-        payloads = [torchaudio_dsp()[0].mu_law_encoding(torch.from_numpy(w), 256).to(torch.uint8).numpy().tobytes()
-                    for w in waves]
+        payloads = [
+            torchaudio_dsp()[0].mu_law_encoding(torch.from_numpy(w), 256).to(torch.uint8).numpy().tobytes()
+            for w in waves
+        ]
     else:
-        payloads = [np.clip(np.round(w * 127) + 128, 0, 255).astype(np.uint8).tobytes()
-                    for w in waves]
+        payloads = [np.clip(np.round(w * 127) + 128, 0, 255).astype(np.uint8).tobytes() for w in waves]
     for p in payloads:
         samples, subtype = payload_to_samples(p, encoding)
         y, _ = sf.read(io.BytesIO(codecs.flac(samples, rate, subtype)), dtype="int16")

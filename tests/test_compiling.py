@@ -21,20 +21,40 @@ TEXT, PAD = 258, 256
 
 def tiny_blt() -> BLT:
     """conftest's tiny BLT with entropy patching at a fixed patch capacity, 3 latent layers."""
-    return BLT(tiny_blt_config(
-        dict(kind="entropy", patch_size=3, max_patch_len=6, threshold=1.0, max_patches_ratio=3.0),
-        latent=dict(dim=48, n_layers=3, n_heads=2),
-        entropy_model=dict(n_layers=2),
-    ))  # fmt: skip
+    return BLT(
+        tiny_blt_config(
+            dict(kind="entropy", patch_size=3, max_patch_len=6, threshold=1.0, max_patches_ratio=3.0),
+            latent=dict(dim=48, n_layers=3, n_heads=2),
+            entropy_model=dict(n_layers=2),
+        )
+    )
 
 
 def tiny_models():
     return {
-        "transformer": build_model({"backbone": "transformer", **dataclasses.asdict(
-            TransformerConfig(dim=32, n_layers=3, n_heads=2, max_seq_len=64))}),  # fmt: skip
-        "megabyte": build_model({"backbone": "megabyte", **dataclasses.asdict(MegabyteConfig(
-            patch_size=4, global_dim=16, global_layers=2, global_heads=2, local_dim=32, local_layers=2,
-            local_heads=2, max_seq_len=64))}),  # fmt: skip
+        "transformer": build_model(
+            {
+                "backbone": "transformer",
+                **dataclasses.asdict(TransformerConfig(dim=32, n_layers=3, n_heads=2, max_seq_len=64)),
+            }
+        ),
+        "megabyte": build_model(
+            {
+                "backbone": "megabyte",
+                **dataclasses.asdict(
+                    MegabyteConfig(
+                        patch_size=4,
+                        global_dim=16,
+                        global_layers=2,
+                        global_heads=2,
+                        local_dim=32,
+                        local_layers=2,
+                        local_heads=2,
+                        max_seq_len=64,
+                    )
+                ),
+            }
+        ),
         "blt": tiny_blt(),
     }
 
@@ -53,8 +73,12 @@ def test_repeated_layers_are_each_list_element_once():
     model = tiny_blt()
     layers = repeated_layers(model)
     c = model.config
-    expected = (c.encoder.n_layers * 2 + c.latent.n_layers + c.decoder.n_layers * 2  # blocks + cross layers
-                + c.entropy_model.n_layers)  # fmt: skip
+    expected = (
+        c.encoder.n_layers * 2
+        + c.latent.n_layers
+        + c.decoder.n_layers * 2  # blocks + cross layers
+        + c.entropy_model.n_layers
+    )
     assert len(layers) == expected == len({id(m) for m in layers})
     assert all(not isinstance(m, torch.nn.ModuleList) for m in layers)
 

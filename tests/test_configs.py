@@ -30,8 +30,14 @@ IMAGE_SIZE_DEFAULT = 64  # the image adapter's default size (DESIGN.md §3)
 
 def test_configs_found():
     names = {p.name for p in CONFIGS}
-    assert {"debug.yaml", "entropy-model.yaml", "text-transformer.yaml", "text-megabyte.yaml",
-            "imagenet64-megabyte.yaml", "audio-megabyte.yaml"} <= names  # fmt: skip
+    assert {
+        "debug.yaml",
+        "entropy-model.yaml",
+        "text-transformer.yaml",
+        "text-megabyte.yaml",
+        "imagenet64-megabyte.yaml",
+        "audio-megabyte.yaml",
+    } <= names
 
 
 # --- a comment on every key -------------------------------------------------------------------
@@ -200,10 +206,16 @@ def test_config_instantiates_and_computes_a_loss(path, demo_shards, tmp_path, mo
 
 def test_entropy_model_of_the_wrong_shape_is_a_clear_error(tmp_path):
     entropy = dict(dim=16, n_layers=1, n_heads=2, window=16, max_seq_len=64)
-    blt = dict(backbone="blt", max_seq_len=64, patcher=dict(kind="entropy", threshold=1.0),
-               hash_ngrams=dict(table_size=64), encoder=dict(dim=16, n_heads=2, window=16),
-               latent=dict(dim=16, n_layers=1, n_heads=2), decoder=dict(dim=16, n_layers=1, n_heads=2, window=16),
-               entropy_model=entropy)  # fmt: skip
+    blt = dict(
+        backbone="blt",
+        max_seq_len=64,
+        patcher=dict(kind="entropy", threshold=1.0),
+        hash_ngrams=dict(table_size=64),
+        encoder=dict(dim=16, n_heads=2, window=16),
+        latent=dict(dim=16, n_layers=1, n_heads=2),
+        decoder=dict(dim=16, n_layers=1, n_heads=2, window=16),
+        entropy_model=entropy,
+    )
     other = save_exported(tmp_path / "other", build_model(TransformerConfig(**dict(entropy, dim=32))), {})
     with pytest.raises(ValueError, match=r"does not match model.model.entropy_model \(dim: config 16 vs file 32\)"):
         ByteLMModule(copy.deepcopy(blt), entropy_model=str(other))

@@ -29,10 +29,17 @@ def shards(shared_data, tmp_path_factory) -> dict[str, Path]:
     """Small text/image/audio shard folders: several train and val shards each, except a single
     text val shard (so one worker reads all val text, in order)."""
     out = tmp_path_factory.mktemp("shards")
-    write_shards("text", [shared_data / "text" / "tinyshakespeare.txt"], out / "text",
-                 max_doc_bytes=4096, val_fraction=0.1, maxcount=60)
-    write_shards("image", [shared_data / "image" / "imagenet64_sample.npz"], out / "image",
-                 val_fraction=0.1, maxcount=20)
+    write_shards(
+        "text",
+        [shared_data / "text" / "tinyshakespeare.txt"],
+        out / "text",
+        max_doc_bytes=4096,
+        val_fraction=0.1,
+        maxcount=60,
+    )
+    write_shards(
+        "image", [shared_data / "image" / "imagenet64_sample.npz"], out / "image", val_fraction=0.1, maxcount=20
+    )
     wavs = sorted((shared_data / "audio" / "fsdd").glob("*.wav"))[::40]  # 50 recordings
     write_shards("audio", wavs, out / "audio", settings={"sample_rate": 8000}, val_fraction=0.2, maxcount=4)
     return {m: out / m for m in ("text", "image", "audio")}

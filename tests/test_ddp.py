@@ -40,18 +40,30 @@ def last_metrics(run) -> dict[str, float]:
 def test_ddp_two_processes_fit_and_validate_like_one(demo_shards, tmp_path):
     run = tmp_path / "run"
     val = head_shards(demo_shards, tmp_path / "val", VAL_SAMPLES)
-    config = write_config(tmp_path / "ddp.yaml", run, steps=6, val_every=3, ckpt_every=3,
-                          val_sources={m: str(d) for m, d in val.items()})  # fmt: skip
-    ddp = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
-           "--data.num_workers", "0", "--data.batch_size", "2"]  # fmt: skip
+    config = write_config(
+        tmp_path / "ddp.yaml", run, steps=6, val_every=3, ckpt_every=3, val_sources={m: str(d) for m, d in val.items()}
+    )
+    ddp = [
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+        "--data.num_workers",
+        "0",
+        "--data.batch_size",
+        "2",
+    ]
     fit = polybyte("fit", "--config", str(config), *ddp, cwd=tmp_path)
     assert fit.returncode == 0, fit.stderr[-3000:]
     export = run / "checkpoints" / "last"
     model, info = load_exported(export)  # a DDP checkpoint loads on one device
     assert info["step"] == 6
 
-    check = polybyte("validate", "--config", str(config), *ddp, "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
-                     cwd=tmp_path)  # fmt: skip
+    check = polybyte(
+        "validate", "--config", str(config), *ddp, "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), cwd=tmp_path
+    )
     assert check.returncode == 0, check.stderr[-3000:]
     logged = last_metrics(run)
     report = evaluate(export, [f"{m}={d}" for m, d in val.items()], tmp_path / "eval", device="cpu")

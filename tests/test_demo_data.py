@@ -91,8 +91,9 @@ def test_audio_is_16bit_wav_at_the_rate_and_compressible(built):
 
 
 def test_other_sizes_and_rates(tmp_path):
-    dirs = build_demo_inputs(tmp_path, text_bytes=5_000, n_images=2, n_clips=2, image_size=64,
-                             sample_rate=16000, clip_seconds=(0.2, 0.3))
+    dirs = build_demo_inputs(
+        tmp_path, text_bytes=5_000, n_images=2, n_clips=2, image_size=64, sample_rate=16000, clip_seconds=(0.2, 0.3)
+    )
     assert Image.open(next(dirs["image"].glob("*.png"))).size == (64, 64)
     info = sf.info(next(dirs["audio"].glob("*.wav")))
     assert info.samplerate == 16000 and 0.2 <= info.duration <= 0.3

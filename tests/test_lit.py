@@ -41,9 +41,10 @@ def head_shards(shards: dict[str, Path], out: Path, counts: dict[str, int]) -> d
         dst = out / modality
         dst.mkdir(parents=True, exist_ok=True)
         manifest = json.loads((src / "manifest.json").read_text())
-        manifest["splits"] = {"train": {"samples": 0, "payload_bytes": 0, "shards": [], "shard_samples": []},
-                              "val": {"samples": counts[modality], "shards": ["val-000000.tar"],
-                                      "shard_samples": [counts[modality]]}}  # fmt: skip
+        manifest["splits"] = {
+            "train": {"samples": 0, "payload_bytes": 0, "shards": [], "shard_samples": []},
+            "val": {"samples": counts[modality], "shards": ["val-000000.tar"], "shard_samples": [counts[modality]]},
+        }
         (dst / "manifest.json").write_text(json.dumps(manifest))
         keys: list[str] = []
         with tarfile.open(src / "val-000000.tar") as tin, tarfile.open(dst / "val-000000.tar", "w") as tout:
@@ -63,9 +64,15 @@ def write_config(path: Path, run: Path, *, steps: int, val_every: int, ckpt_ever
     quieter schedule; metrics.csv is flushed at every step (log_every_n_steps 1)."""
     cfg = yaml.safe_load(DEBUG_YAML.read_text())
     trainer = cfg["trainer"]
-    trainer.update(default_root_dir=str(run), max_steps=steps, val_check_interval=val_every,
-                   limit_val_batches=2, log_every_n_steps=1, enable_progress_bar=False,
-                   enable_model_summary=False)  # fmt: skip
+    trainer.update(
+        default_root_dir=str(run),
+        max_steps=steps,
+        val_check_interval=val_every,
+        limit_val_batches=2,
+        log_every_n_steps=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     for cb in trainer["callbacks"]:  # logs and checkpoints follow default_root_dir
         cb["init_args"].update(every_n_train_steps=ckpt_every)
     cfg["data"].update(num_workers=1, **data)
@@ -96,16 +103,26 @@ def trained(demo_shards, tmp_path_factory):
     root = tmp_path_factory.mktemp("fit")
     run = root / "run"
     small_val = head_shards(demo_shards, root / "val", VAL_SAMPLES)
-    config = write_config(root / "debug.yaml", run, steps=STEPS, val_every=10, ckpt_every=15,
-                          val_sources={m: str(d) for m, d in small_val.items()})  # fmt: skip
+    config = write_config(
+        root / "debug.yaml",
+        run,
+        steps=STEPS,
+        val_every=10,
+        ckpt_every=15,
+        val_sources={m: str(d) for m, d in small_val.items()},
+    )
     with pytest.MonkeyPatch.context() as mp:
         assert run_cli(["fit", "--config", str(config)], mp) == 0
     ckpts = run / "checkpoints"
     return {
-        "root": root, "run": run, "config": config, "small_val": small_val,
-        "rows": metrics(run, 0), "files": sorted(str(p.relative_to(run)) for p in run.rglob("*")),
+        "root": root,
+        "run": run,
+        "config": config,
+        "small_val": small_val,
+        "rows": metrics(run, 0),
+        "files": sorted(str(p.relative_to(run)) for p in run.rglob("*")),
         "last_info": json.loads((ckpts / "last" / "config.json").read_text()),
-    }  # fmt: skip
+    }
 
 
 def test_fit_loss_falls(trained):
@@ -127,8 +144,15 @@ def test_fit_loss_falls(trained):
 def test_fit_logs_training_metrics(trained):
     keys = set().union(*trained["rows"])
     rows = [r for r in trained["rows"] if "train/loss" in r]
-    for key in ("train/loss", "lr", "data/skipped", "perf/bytes_per_s", "train/bpb_text",
-                "train/bpb_image", "train/bpb_audio"):  # fmt: skip
+    for key in (
+        "train/loss",
+        "lr",
+        "data/skipped",
+        "perf/bytes_per_s",
+        "train/bpb_text",
+        "train/bpb_image",
+        "train/bpb_audio",
+    ):
         assert key in keys, key
     assert all(r["data/skipped"] == 0 for r in rows)
     lr = series(trained["rows"], "lr")
@@ -170,8 +194,14 @@ def test_validate_logs_every_modality_and_equals_eval(trained, tmp_path, monkeyp
     """`polybyte validate` over all val windows gives the BPB `polybyte eval` reports."""
     ckpt = trained["run"] / "checkpoints" / f"epoch=0-step={STEPS}.ckpt"
     run = tmp_path / "validate"
-    config = write_config(tmp_path / "validate.yaml", run, steps=STEPS, val_every=10, ckpt_every=15,
-                          val_sources={m: str(d) for m, d in trained["small_val"].items()})  # fmt: skip
+    config = write_config(
+        tmp_path / "validate.yaml",
+        run,
+        steps=STEPS,
+        val_every=10,
+        ckpt_every=15,
+        val_sources={m: str(d) for m, d in trained["small_val"].items()},
+    )
     # the config limits validation to 2 batches (during fit); `validate` still scores every sample
     assert run_cli(["validate", "--config", str(config), "--ckpt_path", str(ckpt)], monkeypatch) == 0
     (row,) = [r for r in metrics(run) if "val/loss" in r]
@@ -191,8 +221,10 @@ def test_resume_continues_step_count(trained, monkeypatch):
     run, ckpts = trained["run"], trained["run"] / "checkpoints"
     before = json.loads((ckpts / "last" / "config.json").read_text())["step"]
     assert before == STEPS
-    rc = run_cli(["fit", "--config", str(trained["config"]), "--ckpt_path", "last",
-                  "--trainer.max_steps", str(STEPS + 6)], monkeypatch)  # fmt: skip
+    rc = run_cli(
+        ["fit", "--config", str(trained["config"]), "--ckpt_path", "last", "--trainer.max_steps", str(STEPS + 6)],
+        monkeypatch,
+    )
     assert rc == 0
     after = json.loads((ckpts / "last" / "config.json").read_text())["step"]
     assert after == STEPS + 6
@@ -215,18 +247,35 @@ def test_print_config(demo_shards, monkeypatch, capsys):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["--data.seq_len", "790", "--model.model.max_seq_len", "792"],
-         "data.seq_len 790 is not a multiple of model.model.patch_size 12"),
-        (["--data.seq_len", "600", "--model.model.max_seq_len", "600"],
-         "a 16x16 image is 768 bytes plus EOS, which does not fit seq_len=600"),
+        (
+            ["--data.seq_len", "790", "--model.model.max_seq_len", "792"],
+            "data.seq_len 790 is not a multiple of model.model.patch_size 12",
+        ),
+        (
+            ["--data.seq_len", "600", "--model.model.max_seq_len", "600"],
+            "a 16x16 image is 768 bytes plus EOS, which does not fit seq_len=600",
+        ),
         (["--model.model.max_seq_len", "781"], "max_seq_len 781 must be a multiple of patch_size 12"),
         (["--ckpt_path", "/nonexistent/last.ckpt"], "/nonexistent/last.ckpt"),
     ],
-)  # fmt: skip
+)
 def test_bad_config_is_one_clear_error(overrides, message, demo_shards, tmp_path, monkeypatch, capsys):
-    args = ["fit", "--config", str(DEBUG_YAML), "--trainer.default_root_dir", str(tmp_path),
-            "--trainer.logger", "false", "--trainer.callbacks", "[]", "--data.num_workers", "0",
-            "--trainer.max_steps", "2", *overrides]  # fmt: skip
+    args = [
+        "fit",
+        "--config",
+        str(DEBUG_YAML),
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--trainer.logger",
+        "false",
+        "--trainer.callbacks",
+        "[]",
+        "--data.num_workers",
+        "0",
+        "--trainer.max_steps",
+        "2",
+        *overrides,
+    ]
     assert run_cli(args, monkeypatch) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
@@ -237,8 +286,17 @@ def test_bad_config_is_one_clear_error(overrides, message, demo_shards, tmp_path
 # --- BPB accounting through the LightningModule ----------------------------------------------
 def tiny_module() -> lit.ByteLMModule:
     torch.manual_seed(0)
-    model = dict(backbone="megabyte", patch_size=4, global_dim=8, global_layers=1, global_heads=2,
-                 local_dim=16, local_layers=1, local_heads=2, max_seq_len=16)  # fmt: skip
+    model = dict(
+        backbone="megabyte",
+        patch_size=4,
+        global_dim=8,
+        global_layers=1,
+        global_heads=2,
+        local_dim=16,
+        local_layers=1,
+        local_heads=2,
+        max_seq_len=16,
+    )
     return lit.ByteLMModule(model, lr=1e-3, warmup_steps=1)
 
 
@@ -274,10 +332,18 @@ def pooled(*bits: dict[str, list[float]]) -> dict[str, float]:
 
 
 def tiny_trainer(tmp_path, steps: int = 1, log_every: int = 1, callbacks=()) -> L.Trainer:
-    return L.Trainer(accelerator="cpu", max_steps=steps, logger=CSVLogger(tmp_path, name="csv", version=0),
-                     log_every_n_steps=log_every, enable_checkpointing=False, enable_progress_bar=False,
-                     enable_model_summary=False, num_sanity_val_steps=0, callbacks=list(callbacks),
-                     default_root_dir=tmp_path)  # fmt: skip
+    return L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=CSVLogger(tmp_path, name="csv", version=0),
+        log_every_n_steps=log_every,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=list(callbacks),
+        default_root_dir=tmp_path,
+    )
 
 
 class RecordBits(L.Callback):
@@ -339,8 +405,15 @@ def test_export_checkpoint_rotation_and_final_last(tmp_path):
     training stops between periodic checkpoints."""
     ids, modality = hand_batch()
     ckpt = lit.ExportCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=2, save_top_k=1, save_last=True)
-    trainer = L.Trainer(accelerator="cpu", max_steps=5, logger=False, callbacks=[ckpt], enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=5,
+        logger=False,
+        callbacks=[ckpt],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(tiny_module(), train_dataloaders=DataLoader([(ids, modality)] * 5, batch_size=None))
     names = sorted(p.name for p in (tmp_path / "ck").iterdir())
     assert names == ["epoch=0-step=4", "epoch=0-step=4.ckpt", "last", "last.ckpt"]
@@ -352,8 +425,20 @@ def test_bench_train_times_steps_of_a_config(capsys, tmp_path):
     from polybyte.pipelines import bench
 
     out_json = tmp_path / "train.json"
-    argv = ["--what", "train", "--model", str(REPO / "configs" / "debug.yaml"), "--steps", "2", "--warmup", "1",
-            "--train-batch-size", "1", "--json", str(out_json)]  # fmt: skip
+    argv = [
+        "--what",
+        "train",
+        "--model",
+        str(REPO / "configs" / "debug.yaml"),
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--train-batch-size",
+        "1",
+        "--json",
+        str(out_json),
+    ]
     assert bench.main(argv) == 0
     out = capsys.readouterr().out
     assert "debug.yaml" in out and "1.00x" in out

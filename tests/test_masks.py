@@ -21,8 +21,11 @@ def reference_attention(q, k, v, mask):
 
 def qkv(B=2, H=4, Hkv=2, Tq=12, Tk=12, Dh=16, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(B, H, Tq, Dh, generator=g), torch.randn(B, Hkv, Tk, Dh, generator=g),
-            torch.randn(B, Hkv, Tk, Dh, generator=g))
+    return (
+        torch.randn(B, H, Tq, Dh, generator=g),
+        torch.randn(B, Hkv, Tk, Dh, generator=g),
+        torch.randn(B, Hkv, Tk, Dh, generator=g),
+    )
 
 
 DOCS = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 2], [0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1]])
@@ -49,9 +52,7 @@ def explicit_masks():
     ]
 
 
-MASK_CASES = pytest.mark.parametrize(
-    "name,mask_mod,Tq,Tk,mask", explicit_masks(), ids=[m[0] for m in explicit_masks()]
-)
+MASK_CASES = pytest.mark.parametrize("name,mask_mod,Tq,Tk,mask", explicit_masks(), ids=[m[0] for m in explicit_masks()])
 
 
 @MASK_CASES
@@ -145,7 +146,8 @@ def test_short_attention_equals_sdpa_and_reference(causal, Hkv):
     out = M.masked_attention(q, k, v, None, causal=causal)
     rep = 4 // Hkv
     ref = torch.nn.functional.scaled_dot_product_attention(
-        q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), is_causal=causal)  # fmt: skip
+        q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), is_causal=causal
+    )
     assert (out - ref).abs().max() < 1e-5
     mask = torch.ones(8, 8, dtype=torch.bool).tril() if causal else torch.ones(8, 8, dtype=torch.bool)
     assert (out - reference_attention(q, k, v, mask[None, None])).abs().max() < 1e-5

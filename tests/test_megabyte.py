@@ -12,8 +12,16 @@ PAD, TEXT, IMAGE = 256, 258, 259
 
 
 def tiny(**kw) -> Megabyte:
-    cfg = dict(patch_size=4, global_dim=8, global_layers=2, global_heads=2, local_dim=16,
-               local_layers=2, local_heads=2, max_seq_len=64)  # fmt: skip
+    cfg = dict(
+        patch_size=4,
+        global_dim=8,
+        global_layers=2,
+        global_heads=2,
+        local_dim=16,
+        local_layers=2,
+        local_heads=2,
+        max_seq_len=64,
+    )
     cfg.update(kw)
     torch.manual_seed(0)
     return Megabyte(MegabyteConfig(**cfg)).eval()
@@ -97,8 +105,16 @@ def test_learns_tinyshakespeare(shakespeare):
     data = torch.tensor(list(shakespeare), dtype=torch.long)
     train, val = data[:-20000], data[-20000:]
     torch.manual_seed(0)
-    cfg = MegabyteConfig(patch_size=4, global_dim=32, global_layers=2, global_heads=4, local_dim=64,
-                         local_layers=2, local_heads=2, max_seq_len=128)  # fmt: skip
+    cfg = MegabyteConfig(
+        patch_size=4,
+        global_dim=32,
+        global_layers=2,
+        global_heads=4,
+        local_dim=64,
+        local_layers=2,
+        local_heads=2,
+        max_seq_len=128,
+    )
     m = Megabyte(cfg)
     opt = torch.optim.AdamW(m.parameters(), lr=6e-3, betas=(0.9, 0.95), weight_decay=0.0)
     B, T = 16, 128

@@ -90,10 +90,7 @@ def test_text_decode_replaces_invalid_utf8():
 
 def test_text_json_members_use_the_text_field():
     text = get_modality("text")
-    assert (
-        text.encode(json.dumps({"text": "héllo", "id": 3}).encode(), {"extension": ".json"})
-        == "héllo".encode()
-    )
+    assert text.encode(json.dumps({"text": "héllo", "id": 3}).encode(), {"extension": ".json"}) == "héllo".encode()
     jsonl = b'{"text": "a"}\n\n{"text": "b"}\n'
     assert text.encode(jsonl, {"extension": ".jsonl"}) == b"a\nb"
     with pytest.raises(ValueError, match="no string field 'text'"):
@@ -150,9 +147,7 @@ def test_image_centre_crop_and_box_resize():
     pixels[:, :32, 0] = 255
     pixels[:, 32:96, 1] = 255
     pixels[:, 96:, 2] = 255
-    out = np.frombuffer(
-        get_modality("image", size=32).encode(_png_bytes(pixels)), np.uint8
-    ).reshape(32, 32, 3)
+    out = np.frombuffer(get_modality("image", size=32).encode(_png_bytes(pixels)), np.uint8).reshape(32, 32, 3)
     assert (out == [0, 255, 0]).all()
     # box filter: every 2x2 block (0, 100, 50, 250) of a 64x64 image becomes its mean, 100
     block = np.array([[0, 100], [50, 250]], dtype=np.uint8)
@@ -186,9 +181,7 @@ def test_image_decode_pads_short_and_truncates_long_payloads(tmp_path):
 
 def test_npz_reader_converts_planar_to_interleaved(tmp_path):
     pixels = RNG.integers(0, 256, size=(5, 8, 8, 3), dtype=np.uint8)
-    planar = pixels.transpose(0, 3, 1, 2).reshape(
-        5, -1
-    )  # [N, H, W, 3] -> [N, 3*H*W], R plane first
+    planar = pixels.transpose(0, 3, 1, 2).reshape(5, -1)  # [N, H, W, 3] -> [N, 3*H*W], R plane first
     np.savez(tmp_path / "batch.npz", data=planar, labels=np.arange(1, 6))
     rows = list(read_npz_batch(tmp_path / "batch.npz"))
     assert [(i, label) for i, _, label in rows] == [(i, i + 1) for i in range(5)]

@@ -67,7 +67,7 @@ def test_pipelines_modules_import_each_other_without_a_circle():
         state[module] = 1
         for target in sorted(graph.get(module, ())):
             if state.get(target) == 1:
-                circle = path[path.index(target):] + [target] if target in path else [module, target]
+                circle = path[path.index(target) :] + [target] if target in path else [module, target]
                 pytest.fail("import circle: " + " -> ".join(circle))
             if target not in state:
                 visit(target, [*path, target])
@@ -78,8 +78,9 @@ def test_pipelines_modules_import_each_other_without_a_circle():
             visit(module, [module])
 
 
-@pytest.mark.parametrize("package, forbidden", [("models", ("modalities", "pipelines")),
-                                                ("modalities", ("models", "pipelines"))])  # fmt: skip
+@pytest.mark.parametrize(
+    "package, forbidden", [("models", ("modalities", "pipelines")), ("modalities", ("models", "pipelines"))]
+)
 def test_imports_go_one_way(package, forbidden):
     wrong = sorted(f"{m} -> {t}" for m, ts in _imports(package).items() for t in ts if t.split(".")[0] in forbidden)
     assert not wrong, f"{package}/ must not import {' or '.join(forbidden)}/: {wrong}"

@@ -36,19 +36,30 @@ from polybyte.pipelines.export import CONFIG, WEIGHTS, load_exported
 def fit_tiny(folder: Path, steps: int, every: int, ckpt_path: str | None = None) -> None:
     """A tiny MEGABYTE fit on one hand-made batch, checkpoints in ``folder`` every ``every`` steps."""
     ckpt = lit.ExportCheckpoint(dirpath=folder, every_n_train_steps=every, save_last=True, save_top_k=-1)
-    trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, callbacks=[ckpt], enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=folder.parent)  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        callbacks=[ckpt],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=folder.parent,
+    )
     ids, modality = hand_batch()
-    trainer.fit(tiny_module(), train_dataloaders=DataLoader([(ids, modality)] * steps, batch_size=None),
-                ckpt_path=ckpt_path)  # fmt: skip
+    trainer.fit(
+        tiny_module(), train_dataloaders=DataLoader([(ids, modality)] * steps, batch_size=None), ckpt_path=ckpt_path
+    )
 
 
 def visible(folder: Path) -> dict[str, str]:
     """Every file under ``folder`` that a reader would look at (hidden working names left out),
     with a hash of its bytes."""
     files = [p for p in sorted(folder.rglob("*")) if p.is_file()]
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in files if not any(part.startswith(".") for part in p.relative_to(folder).parts)}  # fmt: skip
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in files
+        if not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    }
 
 
 def ckpt_step(path: Path) -> int:
@@ -83,8 +94,13 @@ def test_interrupted_save_leaves_every_visible_file_as_it_was(where, tmp_path, m
         monkeypatch.setattr(export, "save_file", lambda state, path: half_then_stop(path, b"\0" * 4096))
     elif where == "config.json":
         write_text = Path.write_text
-        monkeypatch.setattr(Path, "write_text", lambda self, text, *a, **k: half_then_stop(self, text.encode())
-                            if self.name == CONFIG else write_text(self, text, *a, **k))  # fmt: skip
+        monkeypatch.setattr(
+            Path,
+            "write_text",
+            lambda self, text, *a, **k: (
+                half_then_stop(self, text.encode()) if self.name == CONFIG else write_text(self, text, *a, **k)
+            ),
+        )
     else:
         import lightning.fabric.plugins.io.torch_io as torch_io
 
@@ -119,8 +135,10 @@ def torn(tmp_path) -> Path:
 @pytest.mark.parametrize("command", ["eval", "sample"])
 def test_ckpt_whose_export_has_another_step_is_refused(torn, command, tmp_path, capsys):
     ckpt = torn / "last.ckpt"
-    args = {"eval": ["--data", f"text={tmp_path}", "--out", str(tmp_path / "report")],
-            "sample": ["--modality", "text", "--num", "1", "--out", str(tmp_path / "samples")]}[command]  # fmt: skip
+    args = {
+        "eval": ["--data", f"text={tmp_path}", "--out", str(tmp_path / "report")],
+        "sample": ["--modality", "text", "--num", "1", "--out", str(tmp_path / "samples")],
+    }[command]
     assert cli.main([command, "--ckpt", str(ckpt), "--device", "cpu", *args]) == 2
     line = one_error(capsys, command)
     assert str(ckpt) in line and str(torn / "last" / CONFIG) in line
@@ -164,8 +182,20 @@ def test_fit_and_validate_refuse_truncated_ckpt_path(command, truncated, demo_sh
 # --- one run folder ----------------------------------------------------------------------------
 def debug_fit(*extra: str) -> list[str]:
     """configs/debug.yaml as shipped, two steps, no loader processes."""
-    return ["fit", "--config", str(DEBUG_YAML), "--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false",
-            "--trainer.enable_model_summary", "false", "--data.num_workers", "0", *extra]  # fmt: skip
+    return [
+        "fit",
+        "--config",
+        str(DEBUG_YAML),
+        "--trainer.max_steps",
+        "2",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+        "--data.num_workers",
+        "0",
+        *extra,
+    ]
 
 
 def test_default_root_dir_moves_logs_checkpoints_and_exports(demo_shards, tmp_path, monkeypatch, capsys):
@@ -193,8 +223,13 @@ def test_default_root_dir_moves_logs_checkpoints_and_exports(demo_shards, tmp_pa
     assert visible(run) == written
 
     # resuming it: allowed, and the run goes on in the same folder
-    assert run_cli(debug_fit("--trainer.default_root_dir", "runs/exp2", "--ckpt_path", "last",
-                             "--trainer.max_steps", "3"), monkeypatch) == 0  # fmt: skip
+    assert (
+        run_cli(
+            debug_fit("--trainer.default_root_dir", "runs/exp2", "--ckpt_path", "last", "--trainer.max_steps", "3"),
+            monkeypatch,
+        )
+        == 0
+    )
     assert load_exported(run / "checkpoints" / "last.ckpt")[1]["step"] == 3
     assert sorted(p.name for p in (run / "csv").iterdir()) == ["version_0", "version_1"]
 
@@ -242,8 +277,20 @@ def test_kill_9_mid_fit_then_resume_continues_the_step_count(demo_shards, tmp_pa
     saved = ckpt_step(ckpts / "last.ckpt")  # the last save that completed (every 4 steps)
     assert saved >= 4 and saved % 4 == 0 and saved <= reached
 
-    rc = run_cli(["fit", "--config", str(config), "--data.num_workers", "0", "--ckpt_path", "last",
-                  "--trainer.max_steps", str(saved + 3)], monkeypatch)  # fmt: skip
+    rc = run_cli(
+        [
+            "fit",
+            "--config",
+            str(config),
+            "--data.num_workers",
+            "0",
+            "--ckpt_path",
+            "last",
+            "--trainer.max_steps",
+            str(saved + 3),
+        ],
+        monkeypatch,
+    )
     assert rc == 0
     assert [s for s, _ in series(metrics(run), "train/loss")] == [saved, saved + 1, saved + 2]  # not from 0
     assert ckpt_step(ckpts / "last.ckpt") == saved + 3

@@ -238,13 +238,27 @@ def test_eval_adapter_settings_reencode_a_manifest_folder(tmp_path, cifar_export
 
 @pytest.mark.parametrize(
     "value, message",
-    [('{"image": [32]}', "must map source names to settings"), ("{image: {size: 32", "is not JSON/YAML"),
-     ('{"img": {"size": 32}}', "adapter_settings for unknown sources ['img']"),
-     ('{"image": {"size": 0}}', "image size must be positive")],
-)  # fmt: skip
+    [
+        ('{"image": [32]}', "must map source names to settings"),
+        ("{image: {size: 32", "is not JSON/YAML"),
+        ('{"img": {"size": 32}}', "adapter_settings for unknown sources ['img']"),
+        ('{"image": {"size": 0}}', "image size must be positive"),
+    ],
+)
 def test_eval_bad_adapter_settings_are_one_line(value, message, cifar_like, cifar_export, tmp_path, capsys):
-    rc, _, err = _eval(["--ckpt", str(cifar_export), "--data", f"image={cifar_like}", "--out", str(tmp_path / "r"),
-                        "--adapter-settings", value], capsys)  # fmt: skip
+    rc, _, err = _eval(
+        [
+            "--ckpt",
+            str(cifar_export),
+            "--data",
+            f"image={cifar_like}",
+            "--out",
+            str(tmp_path / "r"),
+            "--adapter-settings",
+            value,
+        ],
+        capsys,
+    )
     lines = err.strip().splitlines()
     assert rc == 2 and len(lines) == 1 and lines[0].startswith("polybyte eval: error: ") and message in lines[0]
 
@@ -258,8 +272,19 @@ def test_eval_reports_over_limit_skips(tmp_path, image_export, capsys):
             tar.write({"__key__": f"small{i}", "png": _png(rng)})
         tar.write({"__key__": "large", "png": _png(rng, 40, 30)})  # 1,200 pixels
         tar.write({"__key__": "broken", "png": b"\x89PNG\r\n\x1a\n truncated"})
-    rc, out, err = _eval(["--ckpt", str(image_export), "--data", f"image={folder}", "--out", str(tmp_path / "r"),
-                          "--adapter-settings", '{"image": {"max_pixels": 1000}}'], capsys)  # fmt: skip
+    rc, out, err = _eval(
+        [
+            "--ckpt",
+            str(image_export),
+            "--data",
+            f"image={folder}",
+            "--out",
+            str(tmp_path / "r"),
+            "--adapter-settings",
+            '{"image": {"max_pixels": 1000}}',
+        ],
+        capsys,
+    )
     assert rc == 0, err
     assert out.strip().splitlines()[-1].endswith("; 2 samples skipped (1 undecodable, 1 over_limit)")
     report = json.loads((tmp_path / "r" / "report.json").read_text())
@@ -303,8 +328,18 @@ def test_npz_batches_are_checked_against_max_pixels(tmp_path, capsys):
         list(read_npz_batch(tmp_path / "short.npz"))
 
     # polybyte shard: a counted skip with its limit, like an image file above it
-    rc = cli.main(["shard", "image", str(tmp_path / "batch.npz"), str(tmp_path / "bomb.npz"),
-                   "--out", str(tmp_path / "o"), "--size", "64"])  # fmt: skip
+    rc = cli.main(
+        [
+            "shard",
+            "image",
+            str(tmp_path / "batch.npz"),
+            str(tmp_path / "bomb.npz"),
+            "--out",
+            str(tmp_path / "o"),
+            "--size",
+            "64",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and "wrote 2 samples" in out and "1 skipped (1 above resource limits)" in out
     [entry] = read_manifest(tmp_path / "o")["skipped"]
@@ -327,20 +362,38 @@ def _config(path: Path, run: Path, data: dict, **trainer) -> Path:
     cfg = {
         "seed_everything": 0,
         "trainer": {
-            "accelerator": "cpu", "devices": 1, "max_steps": 2, "val_check_interval": 2,
-            "check_val_every_n_epoch": None, "limit_val_batches": 1.0, "log_every_n_steps": 1,
-            "num_sanity_val_steps": 0, "enable_progress_bar": False, "enable_model_summary": False,
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_steps": 2,
+            "val_check_interval": 2,
+            "check_val_every_n_epoch": None,
+            "limit_val_batches": 1.0,
+            "log_every_n_steps": 1,
+            "num_sanity_val_steps": 0,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
             "default_root_dir": str(run),
-            "logger": [{"class_path": "lightning.pytorch.loggers.CSVLogger",
-                        "init_args": {"save_dir": str(run), "name": "csv"}}],
-            "callbacks": [{"class_path": "polybyte.pipelines.lit.ExportCheckpoint",
-                           "init_args": {"dirpath": str(run / "checkpoints"), "save_last": True}}],
+            "logger": [
+                {
+                    "class_path": "lightning.pytorch.loggers.CSVLogger",
+                    "init_args": {"save_dir": str(run), "name": "csv"},
+                }
+            ],
+            "callbacks": [
+                {
+                    "class_path": "polybyte.pipelines.lit.ExportCheckpoint",
+                    "init_args": {"dirpath": str(run / "checkpoints"), "save_last": True},
+                }
+            ],
             **trainer,
         },
-        "model": {"model": {"backbone": "transformer", "dim": 32, "n_layers": 1, "n_heads": 4, "max_seq_len": 256},
-                  "lr": 1e-3, "warmup_steps": 1},
+        "model": {
+            "model": {"backbone": "transformer", "dim": 32, "n_layers": 1, "n_heads": 4, "max_seq_len": 256},
+            "lr": 1e-3,
+            "warmup_steps": 1,
+        },
         "data": {"seq_len": SEQ_LEN, "batch_size": 2, "num_workers": 0, "shuffle_buffer": 4, **data},
-    }  # fmt: skip
+    }
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
 
@@ -374,8 +427,12 @@ def test_fit_and_validate_count_skips_and_refuse_an_all_bad_val_modality(mixed_d
     assert "polybyte fit: warning: validation scored no image sample although the data has val shards" in err
     rows = metrics(run)
     keys = set().union(*rows)
-    for key in ("data/skipped", *(f"data/skipped_{r}" for r in SKIP_REASONS),
-                "val/skipped", *(f"val/skipped_{r}" for r in SKIP_REASONS)):  # fmt: skip
+    for key in (
+        "data/skipped",
+        *(f"data/skipped_{r}" for r in SKIP_REASONS),
+        "val/skipped",
+        *(f"val/skipped_{r}" for r in SKIP_REASONS),
+    ):
         assert key in keys, key
     train = [r for r in rows if "data/skipped" in r]
     assert train[-1]["data/skipped_over_limit"] >= 1  # the 400-byte document, met in training
@@ -394,8 +451,9 @@ def test_fit_and_validate_count_skips_and_refuse_an_all_bad_val_modality(mixed_d
     (val,) = [r for r in metrics(run) if "val/skipped" in r]
     assert val["val/skipped_undecodable"] == 3
     # limited on the command line, validation may never reach the images: no error then
-    rc = run_cli(["validate", "--config", str(config), "--ckpt_path", str(ckpt), "--trainer.limit_val_batches", "1"],
-                 monkeypatch)  # fmt: skip
+    rc = run_cli(
+        ["validate", "--config", str(config), "--ckpt_path", str(ckpt), "--trainer.limit_val_batches", "1"], monkeypatch
+    )
     assert rc == 0
 
 
@@ -406,8 +464,12 @@ def test_all_bad_training_shard_stops_with_one_line_naming_it(workers, tmp_path,
     with wds.TarWriter(str(images / "part-0.tar")) as tar:
         for i in range(4):
             tar.write({"__key__": f"bad{i}", "png": b"\x89PNG\r\n\x1a\n truncated"})
-    data = {"sources": {"image": str(images)}, "adapter_settings": {"image": {"size": SIZE}},
-            "num_workers": workers, "min_seen_for_skip_check": 5}  # fmt: skip
+    data = {
+        "sources": {"image": str(images)},
+        "adapter_settings": {"image": {"size": SIZE}},
+        "num_workers": workers,
+        "min_seen_for_skip_check": 5,
+    }
     config = _config(tmp_path / "c.yaml", tmp_path / "run", data)
     rc = run_cli(["fit", "--config", str(config)], monkeypatch)
     err = capsys.readouterr().err
@@ -419,11 +481,13 @@ def test_all_bad_training_shard_stops_with_one_line_naming_it(workers, tmp_path,
 
 @pytest.mark.parametrize(
     "model, message",
-    [('{"dim": 32, "bogus": 1}', "unknown key 'bogus': not a field of any backbone"),
-     ('{"dim": 32}', "model.model names no backbone (keys given: ['dim'])"),
-     ('{"backbone": "transformer", "dim": 32, "n_layer": 1}', "unknown key 'n_layer' (did you mean 'n_layers'?)"),
-     ('{"backbone": "transfomer"}', "model.model.backbone 'transfomer' is unknown")],
-)  # fmt: skip
+    [
+        ('{"dim": 32, "bogus": 1}', "unknown key 'bogus': not a field of any backbone"),
+        ('{"dim": 32}', "model.model names no backbone (keys given: ['dim'])"),
+        ('{"backbone": "transformer", "dim": 32, "n_layer": 1}', "unknown key 'n_layer' (did you mean 'n_layers'?)"),
+        ('{"backbone": "transfomer"}', "model.model.backbone 'transfomer' is unknown"),
+    ],
+)
 def test_stray_key_in_a_model_override_is_one_line(model, message, tmp_path, monkeypatch, capsys):
     config = _config(tmp_path / "c.yaml", tmp_path / "run", {"sources": {"image": str(tmp_path)}})
     rc = run_cli(["fit", "--config", str(config), "--model.model", model], monkeypatch)

@@ -39,8 +39,20 @@ def diverged(demo_shards, tmp_path_factory):
     config = write_config(root / "debug.yaml", run, steps=40, val_every=1000, ckpt_every=2)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(sys, "stderr", stderr := io.StringIO())
-        rc = run_cli(["fit", "--config", str(config), "--model.lr", "1e6", "--model.warmup_steps", "0",
-                      "--data.num_workers", "0"], mp)  # fmt: skip
+        rc = run_cli(
+            [
+                "fit",
+                "--config",
+                str(config),
+                "--model.lr",
+                "1e6",
+                "--model.warmup_steps",
+                "0",
+                "--data.num_workers",
+                "0",
+            ],
+            mp,
+        )
     return {"root": root, "run": run, "rc": rc, "stderr": stderr.getvalue()}
 
 
@@ -71,8 +83,15 @@ def test_diverged_fit_counts_skipped_steps_and_keeps_finite_checkpoint(diverged)
 def test_export_checkpoint_refuses_nonfinite_weights(tmp_path):
     ids, modality = hand_batch()
     ckpt = lit.ExportCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=1, save_last=True)
-    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, callbacks=[ckpt], enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        logger=False,
+        callbacks=[ckpt],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     module = tiny_module()
     trainer.fit(module, train_dataloaders=DataLoader([(ids, modality)], batch_size=None))
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "ck").rglob("*")}
@@ -96,8 +115,19 @@ def nan_export(diverged, tmp_path):
 
 
 def test_eval_refuses_nonfinite_export(nan_export, demo_shards, tmp_path, capsys):
-    rc = cli.main(["eval", "--ckpt", str(nan_export), "--data", f"text={demo_shards['text']}",
-                   "--out", str(tmp_path / "report"), "--max-samples", "1"])  # fmt: skip
+    rc = cli.main(
+        [
+            "eval",
+            "--ckpt",
+            str(nan_export),
+            "--data",
+            f"text={demo_shards['text']}",
+            "--out",
+            str(tmp_path / "report"),
+            "--max-samples",
+            "1",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2
     assert len(err) == 1 and err[0].startswith("polybyte eval: error:") and str(nan_export / WEIGHTS) in err[0]
@@ -105,8 +135,21 @@ def test_eval_refuses_nonfinite_export(nan_export, demo_shards, tmp_path, capsys
 
 
 def test_sample_refuses_nonfinite_export(nan_export, tmp_path, capsys):
-    rc = cli.main(["sample", "--ckpt", str(nan_export), "--modality", "text", "--max-bytes", "4",
-                   "--out", str(tmp_path / "samples"), "--device", "cpu"])  # fmt: skip
+    rc = cli.main(
+        [
+            "sample",
+            "--ckpt",
+            str(nan_export),
+            "--modality",
+            "text",
+            "--max-bytes",
+            "4",
+            "--out",
+            str(tmp_path / "samples"),
+            "--device",
+            "cpu",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2
     assert len(err) == 1 and err[0].startswith("polybyte sample: error:") and str(nan_export / WEIGHTS) in err[0]
@@ -142,8 +185,20 @@ def test_sigterm_saves_last_and_resume_continues(demo_shards, tmp_path, monkeypa
     assert step == reached >= 3
     assert load_exported(ckpts / "last")[1]["step"] == step
 
-    rc = run_cli(["fit", "--config", str(config), "--ckpt_path", "last", "--trainer.max_steps", str(step + 3),
-                  "--data.num_workers", "0"], monkeypatch)  # fmt: skip
+    rc = run_cli(
+        [
+            "fit",
+            "--config",
+            str(config),
+            "--ckpt_path",
+            "last",
+            "--trainer.max_steps",
+            str(step + 3),
+            "--data.num_workers",
+            "0",
+        ],
+        monkeypatch,
+    )
     assert rc == 0
     assert load_exported(ckpts / "last")[1]["step"] == step + 3
     assert [s for s, _ in series(metrics(run), "train/loss")] == [step, step + 1, step + 2]
@@ -165,8 +220,15 @@ def test_sigint_and_sigusr1_save_last_at_step_reached(signum, tmp_path):
     before = signal.getsignal(signum)
     ids, modality = hand_batch()
     ckpt = lit.ExportCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=100, save_last=True)
-    trainer = L.Trainer(accelerator="cpu", max_steps=10, logger=False, callbacks=[ckpt, SignalAt(signum, 3)],
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=10,
+        logger=False,
+        callbacks=[ckpt, SignalAt(signum, 3)],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     with pytest.raises(SIGTERMException):
         trainer.fit(tiny_module(), train_dataloaders=DataLoader([(ids, modality)] * 10, batch_size=None))
     assert ckpt.received_signal == signum  # polybyte fit exits with 128 + signum

@@ -101,8 +101,7 @@ def test_shard_skips_and_counts_the_1hz_wav(tmp_path, capsys):
     assert Path(entry["source"]).name == "bomb.wav" and entry["limit"] == "max_seconds"
     assert "4,000.0 s (4,000 frames at 1 Hz)" in entry["reason"]
     # the limit is a setting: lower it and the 1 s clip goes too (so nothing is written)
-    rc, _, err = _shard("audio", src, tmp_path / "p", "--sample-rate", "8000", "--max-seconds", "0.5",
-                        capsys=capsys)  # fmt: skip
+    rc, _, err = _shard("audio", src, tmp_path / "p", "--sample-rate", "8000", "--max-seconds", "0.5", capsys=capsys)
     assert rc == 1 and "wrote 0 samples" in err
     assert read_manifest(tmp_path / "p")["settings"]["max_seconds"] == 0.5
 
@@ -185,8 +184,14 @@ def _break(export: Path, case: str) -> Path:
     return weights if "weights" in case else config
 
 
-BAD_EXPORTS = ["empty weights", "truncated weights", "corrupt weights", "invalid config", "wrong backbone",
-               "wrong dims"]
+BAD_EXPORTS = [
+    "empty weights",
+    "truncated weights",
+    "corrupt weights",
+    "invalid config",
+    "wrong backbone",
+    "wrong dims",
+]
 
 
 @pytest.mark.parametrize("case", BAD_EXPORTS)

@@ -48,8 +48,25 @@ def picture(path, w=20, h=12):
 
 def test_images_and_grid(ckpt, tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(["--ckpt", str(ckpt), "--modality", "image", "--num", "3", "--out", str(out),
-                 "--seed", "1", "--device", "cpu"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "--ckpt",
+                str(ckpt),
+                "--modality",
+                "image",
+                "--num",
+                "3",
+                "--out",
+                str(out),
+                "--seed",
+                "1",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     for i in range(3):
         with Image.open(out / f"image_{i:03d}.png") as im:
             assert im.size == (8, 8) and im.mode == "RGB"
@@ -63,8 +80,27 @@ def test_images_and_grid(ckpt, tmp_path, capsys):
 
 def test_image_prompt_keeps_top_rows(ckpt, tmp_path):
     src, out = picture(tmp_path / "p.png"), tmp_path / "out"
-    assert main(["--ckpt", str(ckpt), "--modality", "image", "--num", "2", "--out", str(out),
-                 "--prompt", str(src), "--prompt-fraction", "0.5", "--batch-size", "1"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "--ckpt",
+                str(ckpt),
+                "--modality",
+                "image",
+                "--num",
+                "2",
+                "--out",
+                str(out),
+                "--prompt",
+                str(src),
+                "--prompt-fraction",
+                "0.5",
+                "--batch-size",
+                "1",
+            ]
+        )
+        == 0
+    )
     original = np.asarray(IMAGE.decode(IMAGE.encode(src.read_bytes())))
     for i in range(2):
         with Image.open(out / f"image_{i:03d}.png") as im:
@@ -89,8 +125,25 @@ def test_audio_prompt_is_continued(ckpt, tmp_path):
     src, out = tmp_path / "p.wav", tmp_path / "out"
     t = np.arange(800) / 8000
     sf.write(src, (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 8000, subtype="PCM_16")
-    assert main(["--ckpt", str(ckpt), "--modality", "audio", "--num", "1", "--out", str(out),
-                 "--prompt", str(src), "--prompt-seconds", "0.01"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "--ckpt",
+                str(ckpt),
+                "--modality",
+                "audio",
+                "--num",
+                "1",
+                "--out",
+                str(out),
+                "--prompt",
+                str(src),
+                "--prompt-seconds",
+                "0.01",
+            ]
+        )
+        == 0
+    )
     wave, rate = sf.read(out / "audio_000.wav", dtype="int16")
     prompt, _ = sf.read(src, dtype="int16")
     assert rate == 8000 and len(wave) == 160 and (wave[:80] == prompt[:80]).all()
@@ -99,8 +152,29 @@ def test_audio_prompt_is_continued(ckpt, tmp_path):
 def test_text_prompt_continued_and_printed(ckpt, tmp_path, capsys):
     src, out = tmp_path / "p.txt", tmp_path / "out"
     src.write_text("To be, or not")
-    assert main(["--ckpt", str(ckpt), "--modality", "text", "--num", "2", "--out", str(out),
-                 "--prompt", str(src), "--max-bytes", "40", "--top-p", "0.9", "--seed", "3"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "--ckpt",
+                str(ckpt),
+                "--modality",
+                "text",
+                "--num",
+                "2",
+                "--out",
+                str(out),
+                "--prompt",
+                str(src),
+                "--max-bytes",
+                "40",
+                "--top-p",
+                "0.9",
+                "--seed",
+                "3",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     for i in range(2):
         data = (out / f"text_{i:03d}.txt").read_bytes()
@@ -149,8 +223,24 @@ def test_sliding_window_model_samples_past_its_window(tmp_path, capsys):
         model = Transformer(TransformerConfig(dim=32, n_layers=1, n_heads=4, max_seq_len=32, window=window))
         ckpt = save_exported(tmp_path / f"w{window}", model, {"text": TEXT.settings_dict()}, {"seq_len": 32})
         out = tmp_path / f"out{window}"
-        args = ["--ckpt", str(ckpt), "--modality", "text", "--num", "2", "--out", str(out), "--max-bytes", "100",
-                "--seed", "0", "--device", "cpu", "--temperature", "0"]  # fmt: skip
+        args = [
+            "--ckpt",
+            str(ckpt),
+            "--modality",
+            "text",
+            "--num",
+            "2",
+            "--out",
+            str(out),
+            "--max-bytes",
+            "100",
+            "--seed",
+            "0",
+            "--device",
+            "cpu",
+            "--temperature",
+            "0",
+        ]
         assert main(args) == rc
         if rc == 0:
             assert model.max_stream_len is None
@@ -189,8 +279,26 @@ def test_bench_sample_compares_cached_with_uncached(tmp_path, capsys):
         "    entropy_model: {dim: 32, n_layers: 1, n_heads: 2, window: 8, max_seq_len: 64}\n"
     )
     report = tmp_path / "bench.json"
-    assert bench(["--what", "sample", "--model", "megabyte:tiny", str(config), "--sample-bytes", "96",
-                  "--uncached-bytes", "48", "--sample-batch-size", "2", "--json", str(report)]) == 0  # fmt: skip
+    assert (
+        bench(
+            [
+                "--what",
+                "sample",
+                "--model",
+                "megabyte:tiny",
+                str(config),
+                "--sample-bytes",
+                "96",
+                "--uncached-bytes",
+                "48",
+                "--sample-batch-size",
+                "2",
+                "--json",
+                str(report),
+            ]
+        )
+        == 0
+    )
     results = json.loads(report.read_text())
     assert [r["backbone"] for r in results] == ["megabyte", "blt"]
     assert all(r["cached_bytes_per_s"] > 0 and r["uncached_bytes_per_s"] > 0 for r in results)

@@ -27,10 +27,7 @@ def _all_samples(out: Path) -> dict[str, tuple[bytes, dict]]:
     adapter = modality_from_dict(manifest["settings"])
     paths = shard_paths(out, "train") + shard_paths(out, "val")
     samples = {key: (payload, meta) for key, payload, meta in iter_samples(paths, adapter)}
-    assert (
-        len(samples)
-        == manifest["splits"]["train"]["samples"] + manifest["splits"]["val"]["samples"]
-    )
+    assert len(samples) == manifest["splits"]["train"]["samples"] + manifest["splits"]["val"]["samples"]
     for key in samples:
         assert "." not in key and "/" not in key
     return samples
@@ -53,9 +50,7 @@ def test_imagenet64_npz_gives_the_raster_payloads(shared_data, tmp_path, capsys)
     for payload, meta in samples.values():
         i = meta["index"]
         seen.add(i)
-        assert (
-            payload == data[i].reshape(3, 64, 64).transpose(1, 2, 0).tobytes()
-        )  # planar -> raster
+        assert payload == data[i].reshape(3, 64, 64).transpose(1, 2, 0).tobytes()  # planar -> raster
         assert meta["label"] == labels[i]
     assert seen == set(range(500))
     total = sum(s["payload_bytes"] for s in manifest["splits"].values())
@@ -64,18 +59,14 @@ def test_imagenet64_npz_gives_the_raster_payloads(shared_data, tmp_path, capsys)
 
 def test_patch_order_and_shard_limits(shared_data, tmp_path):
     npz = shared_data / "image" / "imagenet64_sample.npz"
-    manifest = write_shards(
-        "image", [npz], tmp_path, settings={"order": "patch8"}, maxcount=100, val_fraction=0.2
-    )
+    manifest = write_shards("image", [npz], tmp_path, settings={"order": "patch8"}, maxcount=100, val_fraction=0.2)
     train = manifest["splits"]["train"]
     assert len(train["shards"]) == math.ceil(train["samples"] / 100) > 1
     assert all((tmp_path / name).is_file() for name in train["shards"])
     with np.load(npz) as batch:
         data = batch["data"]
     for payload, meta in _all_samples(tmp_path).values():
-        assert payload == to_order(
-            data[meta["index"]].reshape(3, 64, 64).transpose(1, 2, 0), "patch8"
-        )
+        assert payload == to_order(data[meta["index"]].reshape(3, 64, 64).transpose(1, 2, 0), "patch8")
 
 
 def test_fsdd_pcm16_payloads_equal_the_wav_pcm_data(shared_data, tmp_path, capsys):
@@ -141,9 +132,7 @@ def test_same_input_gives_identical_tar_bytes(shared_data, tmp_path):
         for out in outs:
             write_shards(name, inputs, out, settings=settings, val_fraction=0.3)
         first, second = (_tree_bytes(out) for out in outs)
-        assert any(n.startswith("val-") for n in first) and any(
-            n.startswith("train-") for n in first
-        )
+        assert any(n.startswith("val-") for n in first) and any(n.startswith("train-") for n in first)
         assert first == second, name
     # clips of one recording stay in one split
     split_of = {}
@@ -153,10 +142,11 @@ def test_same_input_gives_identical_tar_bytes(shared_data, tmp_path):
     assert len(split_of) == 40 and len(_all_samples(tmp_path / "audio-0")) > 40
     # one stem twice in a folder, and once more in a subfolder: three distinct keys
     images = _all_samples(tmp_path / "image-0")
-    assert {
-        key: Path(meta["source"]).relative_to(image_in).as_posix()
-        for key, (_, meta) in images.items()
-    } == {"a": "a.jpg", "a-dup2": "a.png", "sub_a": "sub/a.png"}
+    assert {key: Path(meta["source"]).relative_to(image_in).as_posix() for key, (_, meta) in images.items()} == {
+        "a": "a.jpg",
+        "a-dup2": "a.png",
+        "sub_a": "sub/a.png",
+    }
 
 
 def test_corrupt_inputs_are_skipped_and_counted(shared_data, tmp_path, capsys):
@@ -184,9 +174,7 @@ def test_corrupt_inputs_are_skipped_and_counted(shared_data, tmp_path, capsys):
 def test_jsonl_records_and_bad_records(tmp_path):
     (tmp_path / "in").mkdir()
     lines = [{"text": "first record\n"}, {"title": "no text"}, {"text": ""}, {"text": "ünïcode"}]
-    (tmp_path / "in" / "a.jsonl").write_text(
-        "\n".join(json.dumps(r) for r in lines) + "\n", encoding="utf-8"
-    )
+    (tmp_path / "in" / "a.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n", encoding="utf-8")
     (tmp_path / "in" / "b.json").write_text(json.dumps({"text": "json doc"}), encoding="utf-8")
     (tmp_path / "in" / "c.jsonl").write_text('{"text": "ok"}\n{broken\n', encoding="utf-8")
     manifest = write_shards("text", [tmp_path / "in"], tmp_path / "o")
@@ -201,21 +189,13 @@ def test_jsonl_records_and_bad_records(tmp_path):
 
 
 def test_cli_errors_exit_2_without_traceback(tmp_path, capsys):
-    assert (
-        cli.main(["shard", "text", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o")])
-        == 2
-    )
+    assert cli.main(["shard", "text", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o")]) == 2
     assert "input not found" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         cli.main(["shard", "video", "x", "--out", str(tmp_path / "o")])
     assert e.value.code == 2 and "invalid choice: 'video'" in capsys.readouterr().err
     (tmp_path / "t.txt").write_text("hello\n")
-    assert (
-        cli.main(
-            ["shard", "text", str(tmp_path / "t.txt"), "--out", str(tmp_path / "o"), "--size", "8"]
-        )
-        == 2
-    )
+    assert cli.main(["shard", "text", str(tmp_path / "t.txt"), "--out", str(tmp_path / "o"), "--size", "8"]) == 2
     assert "--size do not apply to text" in capsys.readouterr().err
     assert (
         cli.main(
@@ -259,10 +239,7 @@ def test_console_script_end_to_end(tmp_path):
     run = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     # "document i\n" is 11 bytes
-    assert (
-        run.stdout.strip()
-        == f"wrote 3 samples (train 3 / val 0), 33 payload bytes, 0 skipped -> {tmp_path / 'o'}"
-    )
+    assert run.stdout.strip() == f"wrote 3 samples (train 3 / val 0), 33 payload bytes, 0 skipped -> {tmp_path / 'o'}"
     keys = sorted(_all_samples(tmp_path / "o"))
     assert keys == ["doc_0-000000", "doc_1-000000", "doc_2-000000"]
     run = subprocess.run(
@@ -271,8 +248,4 @@ def test_console_script_end_to_end(tmp_path):
         text=True,
         timeout=120,
     )
-    assert (
-        run.returncode == 2
-        and "Traceback" not in run.stderr
-        and "input not found: nope.txt" in run.stderr
-    )
+    assert run.returncode == 2 and "Traceback" not in run.stderr and "input not found: nope.txt" in run.stderr

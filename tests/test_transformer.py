@@ -78,7 +78,7 @@ def test_zero_bytes_are_learned_and_pad_targets_count_nothing():
 def test_learns_tinyshakespeare_below_4_bits_per_byte(shakespeare):
     torch.manual_seed(0)
     data = torch.frombuffer(bytearray(shakespeare), dtype=torch.uint8).long()
-    train, val = data[: -20_000], data[-20_000:]
+    train, val = data[:-20_000], data[-20_000:]
     B, T = 16, 128
     model = Transformer(TransformerConfig(dim=64, n_layers=2, n_heads=4, max_seq_len=T))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.0)
