@@ -340,7 +340,7 @@ class BLT(BLTDecoding, ByteLM):
         # [B, P*k, D] -> [B, P, k*D] -> [B, P, D_G]
         return self.to_latent(queries.view(B, num_patches, k * D))
 
-    def latent(
+    def latent_states(
         self,
         patches: torch.Tensor,
         positions: torch.Tensor | None = None,
@@ -361,7 +361,7 @@ class BLT(BLTDecoding, ByteLM):
         # [B, P, D_G] -> [B, P, k*D_D] -> [B, P*k, D_D]
         return self.to_decoder(latent_states).view(B, P * self.config.cross_attn_k, -1)
 
-    def decode(
+    def decode_bytes(
         self,
         enc_states: torch.Tensor,
         slots: torch.Tensor,
@@ -401,8 +401,8 @@ class BLT(BLTDecoding, ByteLM):
         # patches 0..j (the tag and target patches < j) and is read by target patch j.
         input_patch_ids = torch.cat([torch.zeros_like(patch_ids[:, :1]), patch_ids[:, :-1] + 1], dim=1)
         states = self.encode_bytes(self.embed(inputs))
-        latent = self.latent(self.encode_patches(states, input_patch_ids, P))
-        logits = self.decode(states[-1], self.decoder_slots(latent), patch_ids)
+        latent = self.latent_states(self.encode_patches(states, input_patch_ids, P))
+        logits = self.decode_bytes(states[-1], self.decoder_slots(latent), patch_ids)
         n_patches, n_bytes = patching.patch_counts(patch_ids, ids, self.config.pad_id)
         self.aux = {"num_patches": n_patches, "num_bytes": n_bytes}
         return logits

@@ -12,7 +12,7 @@ predict byte t, with u_t = the tag (t = 0) or ids[t-1]:
    ``encode_bytes(x, positions=[t], caches=cache.encoder)``; keep every layer's state;
 3. if t starts patch j: the inputs of patch j (the tag for j = 0, else those after the previous
    start up to t) are complete: ``encode_patches`` on their states (patch id 0, one patch),
-   ``latent(..., positions=[j], caches=cache.latent)``, ``decoder_slots`` -> the k slots;
+   ``latent_states(..., positions=[j], caches=cache.latent)``, ``decoder_slots`` -> the k slots;
 4. local decoder, one byte: ``decode(state of u_t, slots, patch id 0, positions=[t],
    caches=cache.decoder)`` -> logits of byte t.
 
@@ -285,7 +285,7 @@ class BLTDecoding:
         state.slots.copy_(torch.where(starts[:, None, None], new.to(state.slots.dtype), state.slots))
         state.num_patches.add_(starts.long())
         state.open_start.copy_(torch.where(starts, state.t + 1, state.open_start))
-        logits = self.decode(enc, state.slots, None, caches=state.cache.decoder)  # [B, 1, V]
+        logits = self.decode_bytes(enc, state.slots, None, caches=state.cache.decoder)  # [B, 1, V]
         state.t.add_(1)
         return logits[:, 0]
 

@@ -27,37 +27,23 @@ import yaml
 from polybyte.modalities.audio import ENCODINGS
 
 from .demo_data import DEMO_SETTINGS, ensure_demo_shards
+from .runtime import shipped_config
 
 DEMO_STEPS = 2500  # default training steps (configs/demo.yaml's max_steps)
 DEMO_MINUTES = 10.0  # safety cap on training time: a loaded machine stops early and says so
 DEMO_TEMPERATURE = 0.7  # sampling temperature: a small model's samples are clearer a little cooled
 
 
-def shipped_config(name: str) -> dict:
-    """``configs/NAME`` as shipped with the package (e.g. ``demo.yaml``)."""
-    import polybyte.configs
-
-    # `polybyte.configs` is a namespace package (YAML only): importlib.resources.files() fails on
-    # an editable install, whose namespace path also holds a non-folder path-hook entry.
-    for folder in polybyte.configs.__path__:
-        path = Path(folder) / name
-        if path.is_file():
-            return yaml.safe_load(path.read_text())
-    raise FileNotFoundError(f"{name} not found in {list(polybyte.configs.__path__)}; reinstall polybyte")
-
-
 def demo_config(out: Path, steps: int, minutes: float, shards: dict[str, Path]) -> Path:
     """configs/demo.yaml with the run folder moved under ``out`` and the given length."""
-    cfg = shipped_config("demo.yaml")
+    cfg = yaml.safe_load(shipped_config("demo.yaml").read_text())
     run = out / "run"
     trainer = cfg["trainer"]
     trainer["default_root_dir"] = str(run)
     trainer["max_steps"] = steps
     trainer["max_time"] = {"seconds": max(1, round(minutes * 60))}  # Trainer takes int fields only
     trainer["val_check_interval"] = max(1, steps // 3)
-    for cb in trainer["callbacks"]:  # logs and checkpoints follow default_root_dir
-        if cb["class_path"].endswith("ExportCheckpoint"):
-            cb["init_args"]["every_n_train_steps"] = max(1, steps // 3)
+    cfg["checkpoint"]["every_n_train_steps"] = max(1, steps // 3)  # checkpoints follow default_root_dir
     cfg["data"]["sources"] = {m: str(d) for m, d in shards.items()}
     path = out / "demo.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))

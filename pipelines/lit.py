@@ -29,6 +29,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from .checkpoints import TMP, check_ckpt_file, commit, prepare, refuse_other_run, sibling
 from .data import ByteDataModule
 from .export import save_exported
+from .runtime import shipped_config
 from .training import ByteLMModule
 
 
@@ -133,6 +134,8 @@ class ExportCheckpoint(ModelCheckpoint):
 class PolybyteCLI(LightningCLI):
     """LightningCLI with one run folder and checked checkpoints.
 
+    - ``configs/defaults.yaml`` is read before the ``--config`` files, so a config states only
+      what differs; the run's ``ExportCheckpoint`` is always there, set under ``checkpoint:``.
     - ``trainer.default_root_dir`` is the run folder: unless the config lists its own loggers,
       TensorBoard writes to ``ROOT/tb`` and CSV to ``ROOT/csv`` (flushed every logging step), and
       an ``ExportCheckpoint`` without ``dirpath`` to ``ROOT/checkpoints``.
@@ -146,10 +149,18 @@ class PolybyteCLI(LightningCLI):
 
     def __init__(self, *args, limit_validate: str | None = None, trainers: list | None = None, **kwargs) -> None:
         self.limit_validate = limit_validate  # set before super().__init__ runs the subcommand
+        # configs/defaults.yaml under every --config: a config states only what differs from it
+        defaults = {"default_config_files": [str(shipped_config("defaults.yaml"))]}
+        subcommands = kwargs.get("run", True)
+        kwargs.setdefault("parser_kwargs", {"fit": defaults, "validate": defaults} if subcommands else defaults)
         # the trainer is appended here as soon as it exists, so a caller reaches it (and its
         # callbacks' state) even when the subcommand ends in an exception
         self.trainers = [] if trainers is None else trainers
         super().__init__(*args, **kwargs)
+
+    def add_arguments_to_parser(self, parser) -> None:
+        # the run's checkpoint callback is always there, set under `checkpoint:` (defaults.yaml)
+        parser.add_lightning_class_args(ExportCheckpoint, "checkpoint")
 
     def _parse_ckpt_path(self) -> None:
         """LightningCLI reads a ``--ckpt_path`` file's hyperparameters right after parsing:

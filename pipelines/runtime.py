@@ -6,6 +6,8 @@ Subcommand modules (lit.py, sample.py, bench.py, ...) use these instead of each 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 # Dense bf16 tensor-core peaks (datasheet, FLOP/s) used for MFU; unknown devices log no MFU.
@@ -44,3 +46,16 @@ def prepare_for_sampling(model, device: torch.device, dtype: str, compile: bool)
     if compile and device.type == "cuda":
         compile_decoding(model)
     return model
+
+
+def shipped_config(name: str) -> Path:
+    """``configs/NAME`` as shipped inside the package (e.g. ``demo.yaml``), in any install."""
+    import polybyte.configs
+
+    # `polybyte.configs` is a namespace package (YAML only): importlib.resources.files() fails on
+    # an editable install, whose namespace path also holds a non-folder path-hook entry.
+    for folder in polybyte.configs.__path__:
+        path = Path(folder) / name
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"{name} not found in {list(polybyte.configs.__path__)}; reinstall polybyte")

@@ -152,11 +152,11 @@ def test_stepping_the_stages_with_caches_matches_the_full_forward(kind):
                 states = [torch.cat(layer[a:], dim=1) for layer in history]
                 pooled = model.encode_patches(states, torch.zeros(1, t + 1 - a, dtype=torch.long), 1)
                 j = cache.latent[0].length  # patches closed so far
-                slots = model.decoder_slots(model.latent(pooled, torch.tensor([j]), cache.latent))
+                slots = model.decoder_slots(model.latent_states(pooled, torch.tensor([j]), cache.latent))
                 patch_start = t
             assert int(full_patch_ids[0, t]) == cache.latent[0].length - 1  # same patches as the full forward
             # 4. local decoder, one byte
-            step_logits = model.decode(
+            step_logits = model.decode_bytes(
                 history[-1][t], slots, torch.zeros(1, 1, dtype=torch.long), torch.tensor([t]), cache.decoder
             )
             assert (step_logits[:, 0] - full[:, t]).abs().max() < 1e-5, f"t={t}"

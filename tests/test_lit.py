@@ -73,8 +73,7 @@ def write_config(path: Path, run: Path, *, steps: int, val_every: int, ckpt_ever
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    for cb in trainer["callbacks"]:  # logs and checkpoints follow default_root_dir
-        cb["init_args"].update(every_n_train_steps=ckpt_every)
+    cfg["checkpoint"].update(every_n_train_steps=ckpt_every)  # logs and checkpoints follow default_root_dir
     cfg["data"].update(num_workers=1, **data)
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path

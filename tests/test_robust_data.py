@@ -379,14 +379,9 @@ def _config(path: Path, run: Path, data: dict, **trainer) -> Path:
                     "init_args": {"save_dir": str(run), "name": "csv"},
                 }
             ],
-            "callbacks": [
-                {
-                    "class_path": "polybyte.pipelines.lit.ExportCheckpoint",
-                    "init_args": {"dirpath": str(run / "checkpoints"), "save_last": True},
-                }
-            ],
             **trainer,
         },
+        "checkpoint": {"every_n_train_steps": None, "save_top_k": 1},  # `last` at the end
         "model": {
             "model": {"backbone": "transformer", "dim": 32, "n_layers": 1, "n_heads": 4, "max_seq_len": 256},
             "lr": 1e-3,
