@@ -284,7 +284,7 @@ class BLT(BLTDecoding, ByteLM):
         if self.config.patcher.needs_entropies:
             with torch.no_grad():
                 entropies = compute_entropies(self.entropy_model, ids, modality)
-        return patching.patch(ids, self.config.patcher, entropies)
+        return patching.patch(ids, self.config.patcher, entropies, modality)
 
     @torch.no_grad()
     def calibrate_threshold(
@@ -298,6 +298,25 @@ class BLT(BLTDecoding, ByteLM):
         threshold = patching.find_threshold(entropies, target_mean_patch_len, ids, self.config.patcher)
         self.config.patcher.threshold = threshold
         return threshold
+
+    @torch.no_grad()
+    def calibrate_thresholds(
+        self, ids: torch.Tensor, modality: torch.Tensor, targets: dict[int, float] | None = None
+    ) -> dict[int, float]:
+        """One threshold per modality tag in ``modality`` [B]: the one that gives that tag's rows
+        of ``ids`` [B, T] the target mean patch length (``targets[tag]``, default
+        ``patcher.patch_size``). Stored in ``patcher.thresholds`` (other tags keep theirs)."""
+        p = self.config.patcher
+        if not p.needs_entropies:
+            raise ValueError(f"calibrate_thresholds needs entropy patching, not {p.kind!r}")
+        entropies = compute_entropies(self.entropy_model, ids, modality)
+        found = {}
+        for tag in sorted(set(modality.tolist())):
+            rows = modality == tag
+            target = (targets or {}).get(tag)
+            found[tag] = patching.find_threshold(entropies[rows], target, ids[rows], p)
+        p.thresholds = {**(p.thresholds or {}), **found}
+        return found
 
     def encode_bytes(
         self,

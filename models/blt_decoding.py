@@ -84,6 +84,7 @@ class BLTState(DecodingState):
     content_start: torch.Tensor  # [B] last start before max-length cuts (patching.max_len_cut)
     entropy: torch.Tensor  # [B] fp32 entropy of the byte at pos - 1 (entropy_relative)
     slots: torch.Tensor  # [B, k, D_D] decoder slots of each row's current patch
+    threshold: torch.Tensor | float  # entropy kinds: each row's threshold [B] (its tag's), or one float
     reserved_to: int = 0  # host: the latent caches hold every patch of the positions before it
     patch_bound: int = 0  # host: an upper bound of max(num_patches) at position reserved_to
 
@@ -162,6 +163,7 @@ class BLTDecoding:
             content_start=torch.zeros_like(num_patches),
             entropy=torch.zeros(B, device=dev),
             slots=torch.zeros(B, c.cross_attn_k, c.decoder.dim, device=dev, dtype=dtype),
+            threshold=c.patcher.row_thresholds(modality),
         )
 
     @torch.no_grad()
@@ -303,7 +305,7 @@ class BLTDecoding:
             if p.kind == "entropy_relative":
                 score = score - state.entropy  # the entropy of byte t-1 (0 before the start)
             state.entropy.copy_(entropy)
-        start = patching.start_rule(p, t, prev, prev2, score).expand(B)
+        start = patching.start_rule(p, t, prev, prev2, score, state.threshold).expand(B)
         if p.max_patch_len is not None:  # content_start: the last start before the cuts
             state.content_start.copy_(torch.where(start, t, state.content_start))
             start = start | patching.max_len_cut(p, t, state.content_start, prev)

@@ -27,6 +27,10 @@ Rules (all vectorised on the tensor's device; rows are independent):
 * ``entropy_relative`` (approximate monotonic constraint): byte ``p`` starts a patch iff
   ``entropies[:, p] - entropies[:, p-1] > threshold``.
 
+  For both, ``thresholds`` may hold one threshold per modality tag (a row's tag picks its own):
+  images and audio are high-entropy almost everywhere, so one text-calibrated threshold would cut
+  them into 1-byte patches.
+
 Shared by the content-based kinds (space, entropy, entropy_relative), applied in this order:
 
 * specials: the byte after a special id other than PAD (EOS, in-stream tags; ids >= 256) starts a
@@ -48,7 +52,7 @@ import math
 
 import torch
 
-from .tokens import NUM_BYTES, PAD
+from .tokens import FIRST_TAG, NUM_BYTES, PAD, VOCAB_SIZE
 
 KINDS = ("strided", "space", "entropy", "entropy_relative")
 
@@ -64,6 +68,10 @@ class PatcherConfig:
     # entropy: global threshold θ in nats; entropy_relative: θ_r on the entropy increase. Depends
     # on the entropy model: pick it with find_threshold for a target mean patch length.
     threshold: float = 1.335
+    # Per modality tag (258 text, 259 image, 260 audio): that tag's rows use this threshold
+    # instead of ``threshold``. BLT.calibrate_thresholds sets it; it travels with the config
+    # (checkpoint, export), so training, scoring and sampling patch alike. None: one threshold.
+    thresholds: dict[int, float] | None = None
     max_patch_len: int | None = None  # cut patches longer than this (None: no limit)
     first_patch_len_one: bool = True  # byte 0 alone in patch 0 (content-based kinds)
     split_after_special: bool = True  # the byte after EOS / a tag starts a patch (content-based)
@@ -85,6 +93,13 @@ class PatcherConfig:
             raise ValueError(f"max_patch_len must be >= 1 or None, got {self.max_patch_len}")
         if self.kind.startswith("entropy") and not math.isfinite(self.threshold):
             raise ValueError(f"{self.kind} patching needs a finite threshold, got {self.threshold}")
+        if self.thresholds is not None:  # JSON keys arrive as strings
+            self.thresholds = {int(tag): float(t) for tag, t in self.thresholds.items()}
+            bad = {t: v for t, v in self.thresholds.items() if not (FIRST_TAG <= t < VOCAB_SIZE and math.isfinite(v))}
+            if bad:
+                raise ValueError(
+                    f"thresholds must map tag ids {FIRST_TAG}..{VOCAB_SIZE - 1} to finite values, got {bad}"
+                )
         if self.max_patches_ratio is not None and not self.max_patches_ratio > 0:
             raise ValueError(f"max_patches_ratio must be > 0 or None, got {self.max_patches_ratio}")
 
@@ -99,23 +114,40 @@ class PatcherConfig:
     def needs_entropies(self) -> bool:
         return self.kind in ("entropy", "entropy_relative")
 
+    def row_thresholds(self, modality: torch.Tensor | None) -> torch.Tensor | float:
+        """The threshold of each row, [B] float on modality's device, from its tag [B]; the one
+        ``threshold`` (a float) when there are no per-tag thresholds or no tags."""
+        if not self.thresholds or modality is None:
+            return self.threshold
+        table = [self.thresholds.get(tag, self.threshold) for tag in range(VOCAB_SIZE)]
+        return torch.tensor(table, dtype=torch.float32).to(modality.device, non_blocking=True)[modality]
+
 
 # --- the patchers -----------------------------------------------------------------------------
 def patch(
-    ids: torch.Tensor, config: PatcherConfig, entropies: torch.Tensor | None = None
+    ids: torch.Tensor,
+    config: PatcherConfig,
+    entropies: torch.Tensor | None = None,
+    modality: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """ids [B, T] (+ entropies [B, T] for entropy kinds) -> (lengths [B, P], patch_ids [B, T]).
+    """ids [B, T] (+ entropies [B, T] for entropy kinds; + the rows' tags [B] for per-tag
+    thresholds) -> (lengths [B, P], patch_ids [B, T]).
 
     P is ``config.capacity(T)`` when set (patch ids past it are merged into the last slot), else
     the batch's largest patch count."""
-    patch_ids = patch_starts(ids, config, entropies).long().cumsum(dim=1) - 1  # starts[:, 0] is True
+    patch_ids = patch_starts(ids, config, entropies, modality).long().cumsum(dim=1) - 1  # starts[:, 0] is True
     slots = config.capacity(ids.shape[1])
     if slots is not None:
         patch_ids = patch_ids.clamp(max=slots - 1)
     return patch_ids_to_lengths(patch_ids, slots), patch_ids
 
 
-def patch_starts(ids: torch.Tensor, config: PatcherConfig, entropies: torch.Tensor | None = None) -> torch.Tensor:
+def patch_starts(
+    ids: torch.Tensor,
+    config: PatcherConfig,
+    entropies: torch.Tensor | None = None,
+    modality: torch.Tensor | None = None,
+) -> torch.Tensor:
     """ids [B, T] -> starts bool [B, T] (True where a byte begins a patch): ``start_rule`` and
     ``max_len_cut`` at every position of the row at once."""
     if ids.dim() != 2 or ids.shape[1] == 0:
@@ -124,7 +156,7 @@ def patch_starts(ids: torch.Tensor, config: PatcherConfig, entropies: torch.Tens
     pos = torch.arange(T, device=ids.device)
     prev = _shift_right(ids, 1, fill=-1)  # prev[:, p] = ids[:, p-1]; -1 before the row
     prev2 = _shift_right(ids, 2, fill=-1)
-    score = None
+    score, threshold = None, None
     if config.needs_entropies:
         if entropies is None:
             raise ValueError(f"{config.kind} patching needs entropies [B, T] from the entropy model")
@@ -133,7 +165,10 @@ def patch_starts(ids: torch.Tensor, config: PatcherConfig, entropies: torch.Tens
         score = entropies.float()
         if config.kind == "entropy_relative":  # H[p] - H[p-1]; p = 0 is a start anyway
             score = score - _shift_right(score, 1, fill=0.0)
-    starts = torch.broadcast_to(start_rule(config, pos, prev, prev2, score), (B, T)).contiguous()
+        threshold = config.row_thresholds(modality)
+        if isinstance(threshold, torch.Tensor):
+            threshold = threshold[:, None]  # [B, 1] against scores [B, T]
+    starts = torch.broadcast_to(start_rule(config, pos, prev, prev2, score, threshold), (B, T)).contiguous()
     if config.max_patch_len is None:
         return starts
     last_start = torch.where(starts, pos, torch.zeros_like(pos)).cummax(dim=1).values  # [B, T]
@@ -146,13 +181,15 @@ def start_rule(
     prev: torch.Tensor,
     prev2: torch.Tensor,
     score: torch.Tensor | None = None,
+    threshold: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
     """Whether position ``pos`` starts a patch by every rule but the max-length cut.
 
     The one statement of the rules (module docstring), used for a whole row by ``patch_starts``
     and for one position at a time by BLT's decoding (``blt_decoding``): ``pos`` the position(s),
     ``prev`` / ``prev2`` the ids at pos-1 / pos-2 (-1 before the row), ``score`` the entropy of
-    the byte at pos (entropy) or its increase over pos-1 (entropy_relative). Shapes broadcast:
+    the byte at pos (entropy) or its increase over pos-1 (entropy_relative), ``threshold`` the
+    rows' thresholds (``row_thresholds``; None: ``config.threshold``). Shapes broadcast:
     [T] positions with [B, T] ids, or a 0-dim position with [B] ids. It reads no byte >= pos.
     """
     if config.kind == "strided":
@@ -162,7 +199,7 @@ def start_rule(
     else:
         if score is None:
             raise ValueError(f"{config.kind} patching needs entropies from the entropy model")
-        starts = score > config.threshold
+        starts = score > (config.threshold if threshold is None else threshold)
     if config.split_after_special:
         starts = starts | ((prev >= NUM_BYTES) & (prev != config.pad_id))
     if config.first_patch_len_one:
@@ -275,7 +312,7 @@ def find_threshold(
         ids = torch.zeros(entropies.shape, dtype=torch.long, device=entropies.device)
 
     def mean_len(threshold: float) -> float:
-        _, patch_ids = patch(ids, dataclasses.replace(config, threshold=threshold), entropies)
+        _, patch_ids = patch(ids, dataclasses.replace(config, threshold=threshold, thresholds=None), entropies)
         n_patches, n_bytes = patch_counts(patch_ids, ids, config.pad_id)
         return n_bytes.item() / max(n_patches.item(), 1)
 

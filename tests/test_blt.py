@@ -345,3 +345,27 @@ def test_patch_capacity_merges_overflow_into_the_last_slot():
     lengths, patch_ids = patching.patch(ids, cfg)
     assert lengths.shape == (2, 64) and int(patch_ids.max()) == 63
     assert lengths[:, -1].tolist() == [256 - 63, 256 - 63] and (lengths.sum(1) == 256).all()
+
+
+def test_calibrate_thresholds_per_modality_and_they_travel_with_the_config():
+    """Each tag's rows get the threshold that gives them their own target mean patch length;
+    the thresholds round-trip through the config dict (as config.json stores them)."""
+    import json
+
+    torch.manual_seed(0)
+    model = BLT(tiny(dict(kind="entropy", patch_size=3, max_patch_len=12))).eval()
+    g = torch.Generator().manual_seed(1)
+    text = torch.tensor([list(b"the cat sat on the mat, and then it sat on the hat. " * 5)[:256]] * 2)
+    noise = torch.randint(0, 256, (2, 256), generator=g)
+    ids, tags = torch.cat([text, noise]), torch.tensor([TEXT, TEXT, IMAGE, IMAGE])
+    found = model.calibrate_thresholds(ids, tags, {TEXT: 3.0, IMAGE: 6.0})
+    assert set(found) == {TEXT, IMAGE} and model.config.patcher.thresholds == found
+    _, patch_ids = model.patch(ids, tags)
+    for tag, target in ((TEXT, 3.0), (IMAGE, 6.0)):
+        rows = tags == tag
+        n_patches, n_bytes = patching.patch_counts(patch_ids[rows], ids[rows])
+        assert abs(n_bytes.item() / n_patches.item() - target) < 0.1 * target
+    saved = json.loads(json.dumps(models.config_to_dict(model.config)))  # tag keys become strings
+    assert models.build_model(saved).config.patcher.thresholds == found
+    with pytest.raises(ValueError, match="needs entropy patching"):
+        BLT(tiny("space")).calibrate_thresholds(ids, tags)

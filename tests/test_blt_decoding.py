@@ -360,3 +360,28 @@ def test_entropy_model_without_window_past_its_max_seq_len():
     out = generate(model, TEXT, [b"ab"], **kw)
     assert len(out[0]) == 40
     assert out == generate(model, TEXT, [b"ab"], use_cache=False, **kw)
+
+
+def test_stepped_starts_follow_per_tag_thresholds():
+    """Per-modality thresholds (``patcher.thresholds``): each row decodes with its tag's
+    threshold, as the full forward patches it, and the rows' thresholds do change boundaries."""
+    model = tiny_blt(dict(kind="entropy", patch_size=3, max_patch_len=4))
+    ids = stream()
+    e = compute_entropies(model.entropy_model, ids, MOD).float()
+    per_tag = {}
+    for row, q in enumerate((0.3, 0.6, 0.85)):  # a different quantile per row, in a safe gap
+        s = e[row].sort().values
+        lo, hi = int((q - 0.15) * T), min(int((q + 0.15) * T), T - 1)
+        gaps = s[lo + 1 : hi + 1] - s[lo:hi]
+        assert gaps.max() > 1e-4, "scores too close together for a safe threshold"
+        i = lo + int(gaps.argmax())
+        per_tag[int(MOD[row])] = float(s[i] + s[i + 1]) / 2
+    model.config.patcher = dataclasses.replace(model.config.patcher, thresholds=per_tag)
+    with torch.no_grad():
+        full = model(ids, MOD)
+        want = patching.patch_ids_to_starts(model.patch(ids, MOD)[1])
+    logits, starts = stepped(model, ids)
+    assert torch.equal(starts, want)
+    assert (logits - full).abs().max() < 1e-4
+    one = dataclasses.replace(model.config.patcher, threshold=per_tag[TEXT], thresholds=None)
+    assert not torch.equal(want, patching.patch_ids_to_starts(patching.patch(ids, one, e)[1]))

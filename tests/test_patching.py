@@ -159,3 +159,33 @@ def test_config_errors_are_clear():
         PT.patch(torch.zeros(1, 4, dtype=torch.long), PT.PatcherConfig(kind="entropy"))
     with pytest.raises(ValueError, match="shape"):
         PT.patch(torch.zeros(1, 4, dtype=torch.long), PT.PatcherConfig(kind="entropy"), torch.zeros(1, 5))
+
+
+@pytest.mark.parametrize("kind", ["entropy", "entropy_relative"])
+def test_per_tag_thresholds_patch_each_row_with_its_own(kind):
+    """A row's tag picks its threshold (``thresholds``), tags without one use ``threshold``: the
+    batch patches exactly as each row alone with its own single threshold."""
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 256, (3, 64), generator=g)
+    ent = torch.rand(3, 64, generator=g) * 4
+    tags = torch.tensor([258, 259, 260])
+    per_tag = {258: 2.5, 259: 0.5}  # 260 keeps the global 1.5
+    cfg = PT.PatcherConfig(kind=kind, threshold=1.5, thresholds=per_tag)
+    _, got = PT.patch(ids, cfg, ent, tags)
+    for row, theta in enumerate([2.5, 0.5, 1.5]):
+        alone = dataclasses.replace(cfg, threshold=theta, thresholds=None)
+        _, want = PT.patch(ids[row : row + 1], alone, ent[row : row + 1])
+        assert torch.equal(got[row], want[0])
+    assert not torch.equal(got[0], got[1])  # the thresholds do differ in effect
+    _, untagged = PT.patch(ids, cfg, ent)  # no tags given: the one threshold for every row
+    _, single = PT.patch(ids, dataclasses.replace(cfg, thresholds=None), ent)
+    assert torch.equal(untagged, single)
+
+
+def test_per_tag_thresholds_from_json_and_bad_ones_refused():
+    cfg = PT.PatcherConfig(thresholds={"259": "2.0"})  # as a config.json gives them back
+    assert cfg.thresholds == {259: 2.0}
+    with pytest.raises(ValueError, match="tag ids 258..263"):
+        PT.PatcherConfig(thresholds={65: 1.0})
+    with pytest.raises(ValueError, match="finite"):
+        PT.PatcherConfig(thresholds={258: float("nan")})
