@@ -26,6 +26,7 @@ import yaml
 
 from polybyte.modalities.audio import ENCODINGS
 
+from . import runtime
 from .demo_data import DEMO_SETTINGS, ensure_demo_shards
 
 DEMO_STEPS = 2500  # default training steps (configs/demo.yaml's max_steps)
@@ -34,16 +35,11 @@ DEMO_TEMPERATURE = 0.7  # sampling temperature: a small model's samples are clea
 
 
 def shipped_config(name: str) -> dict:
-    """``configs/NAME`` as shipped with the package (e.g. ``demo.yaml``)."""
-    import polybyte.configs
-
-    # `polybyte.configs` is a namespace package (YAML only): importlib.resources.files() fails on
-    # an editable install, whose namespace path also holds a non-folder path-hook entry.
-    for folder in polybyte.configs.__path__:
-        path = Path(folder) / name
-        if path.is_file():
-            return yaml.safe_load(path.read_text())
-    raise FileNotFoundError(f"{name} not found in {list(polybyte.configs.__path__)}; reinstall polybyte")
+    """``configs/NAME`` as shipped with the package (e.g. ``demo.yaml``), loaded."""
+    path = runtime.shipped_config(name)
+    if path is None:
+        raise FileNotFoundError(f"{name} is not among the configs shipped with polybyte; reinstall polybyte")
+    return yaml.safe_load(path.read_text())
 
 
 def demo_config(out: Path, steps: int, minutes: float, shards: dict[str, Path]) -> Path:
