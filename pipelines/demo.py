@@ -36,7 +36,7 @@ DEMO_TEMPERATURE = 0.7  # sampling temperature: a small model's samples are clea
 
 def demo_config(out: Path, steps: int, minutes: float, shards: dict[str, Path]) -> Path:
     """configs/demo.yaml with the run folder moved under ``out`` and the given length."""
-    cfg = yaml.safe_load(shipped_config("demo.yaml").read_text())
+    cfg = yaml.safe_load(shipped_config("demo.yaml").read_text())  # shipped with every install
     run = out / "run"
     trainer = cfg["trainer"]
     trainer["default_root_dir"] = str(run)

@@ -59,6 +59,12 @@ def val_payloads(source: Source) -> list[bytes]:
     return read_val(source)[0]
 
 
+def default_seq_len(model, info: dict) -> int:
+    """The window eval scores in by default: the export's training seq_len, else the model's
+    ``max_seq_len``."""
+    return int(info.get("seq_len") or model.config.max_seq_len)
+
+
 @torch.no_grad()
 def score(model, streams: list[tuple[np.ndarray, int]], seq_len: int, stride: int, batch_size: int, device) -> dict:
     """Sum of bits and count of payload targets per modality, plus per-sample bits.
@@ -104,9 +110,7 @@ def evaluate(
     """
     device = default_device(device)
     model, info = load_exported(ckpt, device)
-    if seq_len is None:
-        seq_len = info.get("seq_len") or model.config.max_seq_len
-    seq_len = int(seq_len)
+    seq_len = default_seq_len(model, info) if seq_len is None else int(seq_len)
     stride = seq_len if stride is None else int(stride)
     if seq_len < 2:
         raise ValueError(f"--seq-len must be at least 2 (a byte and EOS), got {seq_len}")

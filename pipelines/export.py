@@ -1,8 +1,10 @@
-"""Checkpoint export without pickles: ``DIR/model.safetensors`` + ``DIR/config.json``.
+"""Checkpoint export without pickles: ``DIR/model.safetensors`` + ``DIR/config.json`` + ``DIR/README.md``.
 
 `config.json` holds the backbone config (``{"backbone": ..., fields}``), the modality adapter
 settings the model was trained with (``{"text": {...}, "image": {...}}``) and a few facts about
-the run (step, seq_len). `eval` and `sample` rebuild everything from these two files.
+the run (step, seq_len; from a fit also its data sources and last validation, see card.py).
+`eval`, `sample` and `polybyte.load` rebuild everything from the first two files; README.md is
+the model card written from them (card.py), which exports made before cards lack.
 
 The folder is written whole under a temporary name and renamed into place (checkpoints.py), so
 no reader sees a half-written config.json or weights file. Given a Lightning ``X.ckpt``,
@@ -21,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from polybyte.models import ByteLM, build_model, config_to_dict
 
+from .card import write_card
 from .checkpoints import ckpt_step, commit, one_line, prepare
 
 WEIGHTS = "model.safetensors"
@@ -34,8 +37,8 @@ def save_exported(
     extra: dict[str, Any] | None = None,
     state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write ``model``'s weights (or ``state``, e.g. gathered from FSDP shards) and config into
-    ``out_dir``, replacing what an earlier save left there in one rename."""
+    """Write ``model``'s weights (or ``state``, e.g. gathered from FSDP shards), config and
+    model card into ``out_dir``, replacing what an earlier save left there in one rename."""
     out = Path(out_dir)
     if out.is_dir() and any(out.iterdir()) and not (out / CONFIG).exists() and not (out / WEIGHTS).exists():
         raise ValueError(f"{out} is a folder but not a polybyte export; refusing to replace it")
@@ -46,6 +49,9 @@ def save_exported(
     tmp.mkdir()
     save_file(state, str(tmp / WEIGHTS))
     (tmp / CONFIG).write_text(json.dumps(info, indent=2, sort_keys=True))
+    sizes = {name: state[name].numel() for name, _ in model.named_parameters() if name in state}
+    entropy = sum(n for name, n in sizes.items() if name.startswith("entropy_model."))  # BLT's, frozen
+    write_card(tmp, info, sum(sizes.values()) - entropy, entropy, path=out)
     commit(tmp, out)
     return out
 
@@ -57,12 +63,21 @@ def resolve(path) -> Path:
         p = p.with_suffix("")
     if p.is_file() and p.name == WEIGHTS:
         p = p.parent
-    if not (p / WEIGHTS).is_file() or not (p / CONFIG).is_file():
-        raise FileNotFoundError(
-            f"{path}: no {WEIGHTS} + {CONFIG} found; pass a checkpoint folder written by `polybyte fit` "
-            f"(e.g. runs/NAME/checkpoints/last) or its .ckpt file"
+    if not _is_export(p):
+        inside = next(
+            (q for q in (p / "checkpoints" / "last", p / "run" / "checkpoints" / "last") if _is_export(q)), None
         )
+        advice = (
+            f"it is a run folder: pass its export {inside}"
+            if inside
+            else "pass a checkpoint folder written by `polybyte fit` (e.g. runs/NAME/checkpoints/last) or its .ckpt"
+        )
+        raise FileNotFoundError(f"{path}: not a polybyte export (no {WEIGHTS} + {CONFIG} found); {advice}")
     return p
+
+
+def _is_export(folder: Path) -> bool:
+    return (folder / WEIGHTS).is_file() and (folder / CONFIG).is_file()
 
 
 def load_exported(path, device: str | torch.device = "cpu") -> tuple[ByteLM, dict[str, Any]]:

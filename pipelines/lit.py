@@ -26,10 +26,11 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from .card import training_facts, validation_record
 from .checkpoints import TMP, check_ckpt_file, commit, prepare, refuse_other_run, sibling
 from .data import ByteDataModule
 from .export import save_exported
-from .runtime import shipped_config
+from .runtime import shipped_config, with_shipped_configs
 from .training import ByteLMModule
 
 
@@ -54,6 +55,12 @@ class ExportCheckpoint(ModelCheckpoint):
     """
 
     received_signal: int | None = None
+    # the last val bits/byte and its step, for the model card (a save at step N precedes N's validation)
+    last_validation: dict | None = None
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.last_validation = validation_record(trainer) or self.last_validation
+        super().on_validation_end(trainer, pl_module)  # may save `last`, now with this validation
 
     def _default_dirpath(self, trainer: L.Trainer) -> None:
         if self.dirpath is None:
@@ -109,6 +116,7 @@ class ExportCheckpoint(ModelCheckpoint):
             dm = getattr(trainer, "datamodule", None)
             modalities = dm.modality_settings() if dm is not None and hasattr(dm, "modality_settings") else {}
             extra = {"step": trainer.global_step, "seq_len": getattr(dm, "seq_len", None)}
+            extra.update(training_facts(trainer, self.last_validation))  # data sources, last validation
             save_exported(final.with_suffix(""), module.model, modalities, extra, state=state)
         tmp = sibling(final, TMP)  # the same name on every rank (sharded checkpoints: all ranks write)
         super()._save_checkpoint(trainer, str(tmp))  # writes on the ranks the strategy picks, then a barrier
@@ -269,7 +277,11 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in MULTICAST_OFF.items():
         os.environ.setdefault(key, value)
     torch.set_float32_matmul_precision("high")
-    args = sys.argv[1:] if argv is None else list(argv)
+    args = with_shipped_configs(sys.argv[1:] if argv is None else list(argv))  # `--config debug.yaml` anywhere
+    if argv is None:
+        sys.argv[1:] = args
+    else:
+        argv = args
     command = args[:1] or ["fit"]
     if argv is not None:
         sys.argv = sys.argv[:1]  # LightningCLI warns when args= and sys.argv both carry arguments

@@ -1,5 +1,6 @@
-"""Device helpers shared by the subcommands: which device to run on, its peak FLOP/s for MFU,
-and compiling the decoding steps for sampling. Training's own compile is compiling.py.
+"""Helpers shared by the subcommands: which device to run on, its peak FLOP/s for MFU, compiling
+the decoding steps for sampling (training's own compile is compiling.py), and finding the configs
+shipped inside the package.
 
 Subcommand modules (lit.py, sample.py, bench.py, ...) use these instead of each other.
 """
@@ -48,14 +49,31 @@ def prepare_for_sampling(model, device: torch.device, dtype: str, compile: bool)
     return model
 
 
-def shipped_config(name: str) -> Path:
-    """``configs/NAME`` as shipped inside the package (e.g. ``demo.yaml``), in any install."""
-    import polybyte.configs
+def shipped_config(name: str) -> Path | None:
+    """The config ``name`` (``debug.yaml``; ``configs/debug.yaml`` names the same) as shipped
+    inside the package, in any install (editable or wheel); None if polybyte ships none by it."""
+    from importlib.resources import files
 
-    # `polybyte.configs` is a namespace package (YAML only): importlib.resources.files() fails on
-    # an editable install, whose namespace path also holds a non-folder path-hook entry.
-    for folder in polybyte.configs.__path__:
-        path = Path(folder) / name
-        if path.is_file():
-            return path
-    raise FileNotFoundError(f"{name} not found in {list(polybyte.configs.__path__)}; reinstall polybyte")
+    path = files("polybyte.configs") / Path(name).name
+    return Path(str(path)) if path.is_file() else None
+
+
+def with_shipped_configs(args: list[str]) -> list[str]:
+    """``args`` with each ``--config NAME`` (or ``-c``, ``--config=``) that names no file here but
+    a shipped config, ``debug.yaml`` or ``configs/debug.yaml``, pointed at the shipped file: so
+    `polybyte fit --config debug.yaml` works from any folder, not only a checkout."""
+
+    def resolve(value: str) -> str:
+        path = Path(value)
+        if path.exists() or path.parent not in (Path("."), Path("configs")):
+            return value
+        shipped = shipped_config(path.name)
+        return str(shipped) if shipped is not None else value
+
+    out = list(args)
+    for i, arg in enumerate(out):
+        if arg in ("--config", "-c") and i + 1 < len(out):
+            out[i + 1] = resolve(out[i + 1])
+        elif arg.startswith("--config="):
+            out[i] = "--config=" + resolve(arg.removeprefix("--config="))
+    return out

@@ -20,6 +20,9 @@ encoding as in training): the top rows of an image (``--prompt-fraction``), the 
 a recording (``--prompt-seconds``, default ``--prompt-fraction`` of the clip), or a whole text
 file are kept and continued. Bad input (a prompt of another modality, a prompt too long for the
 model's window, a modality the model was not trained on) exits with status 2 and a message.
+
+The Python API's `Model.generate` (polybyte/api.py) runs the same steps: `trained_adapter`, a
+`Prompt`, `plan` (every check above) and `sample_payloads`, with `sample_options`' defaults.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import math
 import sys
 import time
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,8 +48,8 @@ TEXT_MAX_BYTES = 512  # default text continuation length
 GRID_CELL = 64  # grid.png shows images smaller than this many pixels enlarged (nearest) to about it
 
 
-class UsageError(Exception):
-    """Bad arguments or input: reported as one line, exit status 2."""
+class UsageError(ValueError):
+    """Bad arguments or input: reported as one line, exit status 2 (a ValueError to the Python API)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,13 +103,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # --- the job ----------------------------------------------------------------------------------
+def sample_options(**overrides) -> argparse.Namespace:
+    """The options of `polybyte sample` at its defaults, with ``overrides`` (``num=2``,
+    ``max_bytes=100``, ...): the Python API samples through the same code with the same defaults."""
+    args = build_parser().parse_args(["--ckpt", "", "--modality", "text", "--out", ""])
+    unknown = sorted(set(overrides) - set(vars(args)))
+    if unknown:
+        raise TypeError(f"unknown sampling option(s) {unknown}; known: {sorted(vars(args))}")
+    vars(args).update(overrides)
+    return args
+
+
 def run(args: argparse.Namespace) -> int:
     from polybyte.pipelines.export import load_exported
 
-    if args.num < 1:
-        raise UsageError(f"--num must be >= 1, got {args.num}")
-    if args.batch_size is not None and args.batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     try:
         device = default_device(args.device)
     except RuntimeError as e:
@@ -117,15 +128,59 @@ def run(args: argparse.Namespace) -> int:
         model, info = load_exported(args.ckpt, device)
     except (FileNotFoundError, ValueError) as e:  # missing or unreadable export files
         raise UsageError(str(e)) from None
+    adapter = trained_adapter(info, args.modality)
+    given = None if args.prompt is None else Prompt(encode_prompt_file(adapter, args.prompt), name=str(args.prompt))
+    job, prompt, new_bytes = plan(model, info, adapter, args, given)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = prepare_for_sampling(model, device, dtype, args.compile)
+    job.save(sample_payloads(model, adapter.tag, prompt, new_bytes, args, device, dtype), out, prompt)
+    return 0
+
+
+@dataclass
+class Prompt:
+    """What every sample continues: a payload, cut to ``--prompt-fraction`` / ``--prompt-seconds``
+    (an image or recording, from a file or a Python object) or, with ``whole``, kept as given."""
+
+    payload: bytes
+    whole: bool = False
+    name: str = "the prompt"  # for messages
+
+
+def trained_adapter(info: dict, modality: str):
+    """The adapter the export was trained with for ``modality``; UsageError if it knows none."""
     known = info.get("modalities", {})
-    if args.modality not in known:
-        raise UsageError(
-            f"the checkpoint was not trained on {args.modality!r}; it knows {sorted(known) or 'no modality'}"
-        )
-    adapter = modality_from_dict(known[args.modality])
+    if modality not in known:
+        raise UsageError(f"the checkpoint was not trained on {modality!r}; it knows {sorted(known) or 'no modality'}")
+    return modality_from_dict(known[modality])
+
+
+def encode_prompt_file(adapter, path) -> bytes:
+    """A prompt file's payload, encoded by the checkpoint's adapter (refused if its extension
+    belongs to another modality)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"prompt file {path} not found")
+    suffix = path.suffix.lower()
+    for name in TAGS:
+        if name != adapter.name and suffix in get_modality(name).extensions:
+            raise UsageError(f"prompt {path} looks like {name} ({suffix}) but --modality is {adapter.name}")
+    try:
+        return adapter.encode(path.read_bytes(), {"extension": suffix})
+    except ValueError as e:
+        raise UsageError(f"prompt {path}: {e}") from None
+
+
+def plan(model, info: dict, adapter, args, given: Prompt | None) -> tuple[_Job, bytes, int]:
+    """Check the request against the model: (the job, the prompt payload, the bytes to sample)."""
+    if args.num < 1:
+        raise UsageError(f"--num must be >= 1, got {args.num}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     # a model whose attention slides samples past its training window; others stop at it
     window = info.get("seq_len") if model.max_stream_len is not None else None
-    job = _JOBS[args.modality](adapter, args, window, model)
+    job = _JOBS[adapter.name](adapter, args, window, model, given)
     prompt = job.prompt()
     new_bytes = job.max_new(len(prompt))
     if window is not None and len(prompt) + new_bytes > window - 1:
@@ -133,30 +188,28 @@ def run(args: argparse.Namespace) -> int:
             f"prompt ({len(prompt)} bytes) + {new_bytes} new bytes exceed the model's window "
             f"(seq_len {window} holds {window - 1} payload bytes); shorten the prompt or lower --max-bytes"
         )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-
-    samples = _sample(model, adapter.tag, prompt, new_bytes, args, device, dtype)
-    job.save([bytes(prompt) + bytes(s) for s in samples], out, prompt)
-    return 0
+    return job, prompt, new_bytes
 
 
-def _sample(model, tag: int, prompt: bytes, new_bytes: int, args, device, dtype) -> list[list[int]]:
-    """Sample args.num continuations of ``prompt`` with a progress bar; print bytes/s."""
+def sample_payloads(
+    model, tag: int, prompt: bytes, new_bytes: int, args, device, dtype, quiet: bool = False
+) -> list[bytes]:
+    """args.num samples, each ``prompt`` + its continuation, from a model ready for sampling
+    (`prepare_for_sampling`); unless ``quiet``, with a progress bar and the bytes/s printed."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     batch = args.batch_size or args.num
-    model = prepare_for_sampling(model, device, dtype, args.compile)
     if model.compilable_steps and args.compile and device.type == "cuda":
         start = time.perf_counter()  # compile for each batch size used, outside the timing
         for n in {min(batch, args.num), args.num % batch} - {0}:
             generate(model, tag, None, 3 * model.seq_multiple, num=n, stop_at_eos=False)
         torch.cuda.synchronize(device)
-        print(f"compiled the decoding steps in {time.perf_counter() - start:.1f} s")
+        if not quiet:
+            print(f"compiled the decoding steps in {time.perf_counter() - start:.1f} s")
     samples: list[list[int]] = []
     columns = (TextColumn("sampling"), BarColumn(), MofNCompleteColumn(), TextColumn("bytes"), TimeRemainingColumn())
     start = time.perf_counter()
-    with Progress(*columns, transient=False) as bar:
+    with Progress(*columns, transient=False, disable=quiet) as bar:
         task = bar.add_task("sampling", total=args.num * new_bytes)
         for first in range(0, args.num, batch):
             n = min(batch, args.num - first)
@@ -180,37 +233,25 @@ def _sample(model, tag: int, prompt: bytes, new_bytes: int, args, device, dtype)
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     produced = sum(len(s) for s in samples)
-    print(
-        f"sampled {produced} bytes in {seconds:.2f} s: {produced / max(seconds, 1e-9):,.0f} bytes/s "
-        f"({args.num} samples, batch {batch}, {device.type}, {dtype})"
-    )
-    return samples
+    if not quiet:
+        print(
+            f"sampled {produced} bytes in {seconds:.2f} s: {produced / max(seconds, 1e-9):,.0f} bytes/s "
+            f"({args.num} samples, batch {batch}, {device.type}, {dtype})"
+        )
+    return [bytes(prompt) + bytes(s) for s in samples]
 
 
 # --- per-modality prompts and outputs ---------------------------------------------------------
 class _Job(ABC):
-    """What differs per modality: reading a prompt, the sample length, writing the results."""
+    """What differs per modality: cutting the prompt, the sample length, writing the results."""
 
-    def __init__(self, adapter, args, seq_len: int | None, model) -> None:
-        self.adapter, self.args, self.seq_len, self.model = adapter, args, seq_len, model
-        self.original: bytes | None = None  # the prompt file's whole payload (image grid)
+    def __init__(self, adapter, args, seq_len: int | None, model, given: Prompt | None = None) -> None:
+        self.adapter, self.args, self.seq_len, self.model, self.given = adapter, args, seq_len, model, given
+        self.original: bytes | None = None  # the prompt's whole payload (image grid)
 
     def read_prompt(self) -> bytes:
-        """The prompt file encoded by the adapter (the whole payload); b"" without --prompt."""
-        path = self.args.prompt
-        if path is None:
-            return b""
-        path = Path(path)
-        if not path.is_file():
-            raise UsageError(f"prompt file {path} not found")
-        suffix = path.suffix.lower()
-        for name in TAGS:
-            if name != self.adapter.name and suffix in get_modality(name).extensions:
-                raise UsageError(f"prompt {path} looks like {name} ({suffix}) but --modality is {self.adapter.name}")
-        try:
-            return self.adapter.encode(path.read_bytes(), {"extension": suffix})
-        except ValueError as e:
-            raise UsageError(f"prompt {path}: {e}") from None
+        """The given prompt's whole payload; b"" without a prompt."""
+        return b"" if self.given is None else self.given.payload
 
     @abstractmethod
     def prompt(self) -> bytes:
@@ -234,8 +275,8 @@ def _patch_multiple(model) -> int:
 class _ImageJob(_Job):
     def prompt(self) -> bytes:
         self.original = self.read_prompt()
-        if not self.original:
-            return b""
+        if not self.original or self.given.whole:
+            return self.original
         size, order = self.adapter.settings.size, self.adapter.settings.order
         frac = self.args.prompt_fraction
         if not 0 <= frac < 1:
@@ -299,8 +340,8 @@ class _AudioJob(_Job):
 
     def prompt(self) -> bytes:
         payload = self.read_prompt()
-        if not payload:
-            return b""
+        if not payload or self.given.whole:
+            return payload
         s, bps = self.adapter.settings, self.adapter.bytes_per_sample
         if self.args.prompt_seconds is not None:
             if self.args.prompt_seconds <= 0:
@@ -315,7 +356,7 @@ class _AudioJob(_Job):
         unit = bps * P // math.gcd(bps, P)
         n = min(n, len(payload)) // unit * unit
         if n == 0:
-            raise UsageError(f"the prompt {self.args.prompt} is shorter than one patch of audio ({unit} bytes)")
+            raise UsageError(f"the prompt {self.given.name} is shorter than one patch of audio ({unit} bytes)")
         return payload[:n]
 
     def max_new(self, prompt_len: int) -> int:

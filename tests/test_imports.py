@@ -3,7 +3,7 @@
 models/ imports no other package of polybyte and no Lightning; inside it there is no import
 circle, the package's ``__init__`` (the registry) imports the backbones but no module imports
 it, and the ByteLM interface (base.py) imports none of its implementations. ``module_imports``
-walks any of the three packages.
+walks any of the three packages, and the API's folder polybyte/, which models/ never imports.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("models", "modalities", "pipelines")  # installed as polybyte.<name>
+API = "polybyte"  # the folder of the import package's own modules (the Python API)
 
 
 def module_imports(package: str) -> dict[str, set[str]]:
@@ -48,8 +49,11 @@ def module_imports(package: str) -> dict[str, set[str]]:
 
 
 def _local(name: str) -> str:
-    """polybyte.models.base -> models.base; polybyte.models -> models.__init__; others unchanged."""
+    """polybyte.models.base -> models.base; polybyte.models -> models.__init__; the API's own
+    modules: polybyte -> polybyte.__init__, polybyte.api -> polybyte.api; others unchanged."""
     parts = name.split(".")
+    if parts[0] == API and (len(parts) == 1 or parts[1] not in PACKAGES + ("configs",)):
+        return f"{API}.{parts[1] if len(parts) > 1 else '__init__'}"
     if parts[0] == "polybyte" and len(parts) > 1:
         return ".".join(parts[1:]) if len(parts) > 2 else f"{parts[1]}.__init__"
     return name
@@ -90,9 +94,9 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 def test_models_imports_no_other_package_and_no_lightning():
-    """Pure torch: models/ never imports modalities/ or pipelines/ (vocabulary ids come from
-    models/tokens.py, sizes through configs), nor Lightning or webdataset."""
-    forbidden = ("modalities", "pipelines", "lightning", "pytorch_lightning", "webdataset")
+    """Pure torch: models/ never imports modalities/, pipelines/ or the API (vocabulary ids come
+    from models/tokens.py, sizes through configs), nor Lightning or webdataset."""
+    forbidden = ("modalities", "pipelines", API, "lightning", "pytorch_lightning", "webdataset")
     bad = sorted((m, n) for m, deps in module_imports("models").items() for n in deps if package_of(n) in forbidden)
     assert not bad, f"models/ imports what it must not: {bad}"
 
@@ -115,3 +119,10 @@ def test_the_bytelm_interface_imports_no_implementation():
 def test_find_cycle_sees_a_circle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b", "torch"}, "b": set()}) is None
+
+
+def test_module_imports_reads_the_api_folder():
+    graph = module_imports(API)
+    assert graph["polybyte.__init__"] == {"polybyte.api", "importlib.metadata.__init__"}  # (from X import: X.__init__)
+    assert {"pipelines", "modalities", "torch"} <= {package_of(n) for n in graph["polybyte.api"]}
+    assert _local("polybyte") == "polybyte.__init__" and _local("polybyte.models.base") == "models.base"

@@ -189,6 +189,37 @@ def test_fit_writes_checkpoints_exports_and_config(trained):
     assert cfg["data"]["sources"] == "demo"
 
 
+def test_exports_carry_a_model_card_of_the_run(trained, demo_shards):
+    """config.json and the card (README.md) record the data and the last validation before each
+    save, with its step: Lightning saves at a step before that step's validation runs."""
+    ckpts = trained["run"] / "checkpoints"
+    val_text = dict(series(trained["rows"], "val/bpb_text"))  # metrics.csv step = global step - 1
+    assert sorted(val_text) == [9, 19, 29]
+    for name, val_step in (("epoch=0-step=15", 10), (f"epoch=0-step={STEPS}", 20), ("last", 20)):
+        info = json.loads((ckpts / name / "config.json").read_text())
+        assert info["val"]["step"] == val_step and info["val"]["limit_val_batches"] == 2
+        (row,) = [r for r in trained["rows"] if r.get("step") == val_step - 1 and "val/loss" in r]
+        assert info["val"]["bpb"] == pytest.approx(  # the modalities this (limited) pass scored
+            {k.removeprefix("val/bpb_"): v for k, v in row.items() if k.startswith("val/bpb_")}, rel=1e-6
+        )
+        assert info["val"]["bpb"]["text"] == pytest.approx(val_text[val_step - 1], rel=1e-6)
+        assert {d["name"]: Path(d["shards"]) for d in info["data"]} == {
+            m: Path(f).resolve() for m, f in demo_shards.items()
+        }
+        assert all(d["weight"] == 1.0 and d["train_shards"] >= 1 for d in info["data"])
+        card = (ckpts / name / "README.md").read_text()
+        for fact in (
+            "| backbone | `megabyte` |",
+            f"| training steps | {info['step']} |",
+            f"text {info['val']['bpb']['text']:.3f}",
+            f"(validation at step {val_step}, on `limit_val_batches: 2` of the val set)",
+            f"train shards in `{Path(demo_shards['text']).resolve()}`, weight 1",
+            "patch_size 12, global_dim 16, global_layers 2",
+            f'polybyte.load("{ckpts / name}")',
+        ):
+            assert fact in card, (name, fact)
+
+
 def test_validate_logs_every_modality_and_equals_eval(trained, tmp_path, monkeypatch):
     """`polybyte validate` over all val windows gives the BPB `polybyte eval` reports."""
     ckpt = trained["run"] / "checkpoints" / f"epoch=0-step={STEPS}.ckpt"
@@ -241,6 +272,31 @@ def test_print_config(demo_shards, monkeypatch, capsys):
     assert cfg["model"]["model"]["backbone"] == "megabyte"
     assert cfg["data"]["seq_len"] == cfg["model"]["model"]["max_seq_len"] == 780
     assert cfg["trainer"]["max_steps"] == 80
+
+
+@pytest.mark.parametrize("name", ["debug.yaml", "configs/debug.yaml"])
+def test_shipped_configs_are_found_by_name_from_any_folder(name, demo_shards, tmp_path, monkeypatch, capsys):
+    """`polybyte fit --config debug.yaml` outside a checkout (as after `pip install polybyte`),
+    through sys.argv as the console script runs it; a file of that name here still wins."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["polybyte", "fit", "--config", name, "--print_config"])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code in (0, None)
+    assert yaml.safe_load(capsys.readouterr().out)["model"]["model"]["backbone"] == "megabyte"
+    mine = tmp_path / name
+    mine.parent.mkdir(exist_ok=True)
+    mine.write_text(DEBUG_YAML.read_text().replace("max_steps: 80", "max_steps: 7"))
+    with pytest.raises(SystemExit):
+        lit.main(["fit", f"--config={name}", "--print_config"])
+    assert yaml.safe_load(capsys.readouterr().out)["trainer"]["max_steps"] == 7
+
+
+def test_an_unknown_config_name_is_left_to_the_parser(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(["fit", "--config", "nope.yaml"], monkeypatch)
+    assert exit_.value.code == 2 and f"{tmp_path / 'nope.yaml'}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
