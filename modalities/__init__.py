@@ -13,6 +13,7 @@ from .base import (  # noqa: F401
     VOCAB_SIZE,
     Modality,
     ResourceLimitError,
+    SettingMismatchError,
     available,
     frame,
     get_modality,

@@ -18,12 +18,13 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from .base import AUDIO, Modality, check_limit, positive_limit, register
+from .base import AUDIO, Modality, SettingMismatchError, check_limit, positive_limit, register
 
 ENCODINGS = {"pcm16": 2, "mulaw8": 1, "pcm8": 1}  # encoding -> bytes per sample
 MU_LAW_LEVELS = 256
-# The last, shorter clip of a recording is kept when it is at least this fraction of a clip,
-# so a recording never loses more than a quarter clip and short tails do not become samples.
+# The last, shorter piece of a recording cut into clips becomes a clip of its own when it is at
+# least this fraction of a clip; a shorter tail is joined to the clip before it (so no clip is
+# a sliver, and no sample is lost). A recording shorter than one clip is one, shorter, clip.
 MIN_CLIP_FRACTION = 0.25
 
 
@@ -125,8 +126,9 @@ def clip_waveform(
 ) -> list[np.ndarray]:
     """Cut a recording into consecutive clips of ``clip_seconds`` (None: the whole recording).
 
-    The last, shorter clip is kept only if it is at least ``min_fraction`` of a clip long.
-    An empty recording gives no clips.
+    Every sample lands in exactly one clip: a recording shorter than a clip is one shorter clip,
+    and a last piece under ``min_fraction`` of a clip is joined to the clip before it (which is
+    then up to ``1 + min_fraction`` clips long). An empty recording gives no clips.
     """
     if clip_seconds is None:
         return [wave] if len(wave) else []
@@ -134,14 +136,17 @@ def clip_waveform(
     if n < 1:
         raise ValueError(f"clip_seconds={clip_seconds} is shorter than one sample at {sample_rate} Hz")
     clips = [wave[i : i + n] for i in range(0, len(wave), n)]
-    if clips and len(clips[-1]) < min_fraction * n:
-        clips.pop()
+    if len(clips) > 1 and len(clips[-1]) < min_fraction * n:
+        clips[-2:] = [wave[(len(clips) - 2) * n :]]
     return clips
 
 
 @dataclass
 class AudioSettings:
-    sample_rate: int = 16000  # Hz; every recording is resampled to this rate
+    # Hz. Loaders take it from the manifest, the checkpoint or the first member; `polybyte shard`
+    # from its inputs. Recordings at another rate are resampled to it only when it is given
+    # explicitly (strict adapters refuse them). 16000 is only the bare dataclass's default.
+    sample_rate: int = 16000
     encoding: str = "pcm16"  # payload format: "pcm16" (2 bytes/sample), "mulaw8" or "pcm8" (1 byte)
     clip_seconds: float | None = None  # clip length the shard writer cuts to; None: whole file
     # Longest recording read, in seconds at the file's own rate, checked from the header before
@@ -171,6 +176,7 @@ class AudioModality(Modality):
     tag = AUDIO
     extensions = (".flac", ".wav", ".ogg")
     Settings = AudioSettings
+    properties = ("sample_rate",)
 
     @property
     def bytes_per_sample(self) -> int:
@@ -193,17 +199,34 @@ class AudioModality(Modality):
             self.settings.max_seconds,
         )
 
+    def native(self, member_bytes: bytes) -> dict:
+        """``{"sample_rate": Hz}`` of a recording, from its header."""
+        try:
+            with sf.SoundFile(io.BytesIO(member_bytes)) as f:
+                return {"sample_rate": int(f.samplerate)}
+        except (sf.SoundFileError, RuntimeError, EOFError) as e:
+            why = getattr(e, "error_string", None) or str(e)
+            raise ValueError(f"cannot decode audio (WAV/FLAC/OGG expected): {why}") from None
+
     def load(self, member_bytes: bytes) -> np.ndarray:
         """Audio file bytes -> mono samples at ``sample_rate``.
 
         Returns int16 when the file is mono 16-bit PCM already at ``sample_rate`` (so pcm16 is
         bit-exact), else float32 in [-1, 1]: the mean of the channels, resampled if needed.
-        The header is checked against the limits first (`check_size`).
+        The header is checked against the limits first (`check_size`). When ``strict``, a
+        recording at another rate is a `SettingMismatchError` instead of being resampled.
         """
         rate = self.settings.sample_rate
         try:
             with sf.SoundFile(io.BytesIO(member_bytes)) as f:
                 self.check_size(f.frames, f.channels, f.samplerate)
+                if self.strict and f.samplerate != rate:
+                    raise SettingMismatchError(
+                        f"a {f.samplerate} Hz recording, but the sample rate is {rate} Hz (setting "
+                        f"'sample_rate'); recordings are resampled only when the rate is given "
+                        f"explicitly (adapter_settings)",
+                        "sample_rate",
+                    )
                 exact = f.channels == 1 and f.samplerate == rate and f.subtype == "PCM_16"
                 data = f.read(dtype="int16" if exact else "float32", always_2d=True)
                 file_rate = f.samplerate

@@ -56,6 +56,18 @@ class ResourceLimitError(ValueError):
         self.setting = setting
 
 
+class SettingMismatchError(ValueError):
+    """A member's own property (an image's size, a recording's sample rate) differs from its
+    adapter's setting while the adapter is ``strict`` (converting was not asked for).
+
+    ``setting`` names the adapter setting (``size``, ``sample_rate``).
+    """
+
+    def __init__(self, message: str, setting: str) -> None:
+        super().__init__(message)
+        self.setting = setting
+
+
 def check_limit(what: str, value: float, setting: str, limit: float | None) -> None:
     """Raise `ResourceLimitError` when ``value`` exceeds ``limit`` (None: no limit)."""
     if limit is not None and value > limit:
@@ -77,12 +89,20 @@ class Modality(ABC):
     Subclasses set ``name`` (registry key), ``tag`` (token id), ``extensions`` (member/file
     extensions they read, lower-case with dot) and ``Settings`` (a dataclass; saved with
     every checkpoint so sampling rebuilds the same adapter).
+
+    ``properties`` are the settings a member itself determines (an image's ``size``, a
+    recording's ``sample_rate``); `native` reads them from a member's header. An adapter
+    converts members to its settings (crop and resize, resample) unless ``strict`` is set: then
+    a member whose own property differs is a `SettingMismatchError`. `polybyte shard` converts;
+    the loaders are strict unless the setting was given explicitly.
     """
 
     name: ClassVar[str]
     tag: ClassVar[int]
     extensions: ClassVar[tuple[str, ...]]
     Settings: ClassVar[type]
+    properties: ClassVar[tuple[str, ...]] = ()
+    strict: bool = False  # refuse members whose properties differ from the settings
 
     def __init__(self, settings: Any | None = None, **overrides: Any) -> None:
         if settings is None:
@@ -102,6 +122,11 @@ class Modality(ABC):
     @abstractmethod
     def save(self, obj: Any, path) -> None:
         """Write a decoded object to ``path`` in the modality's file format (.txt/.png/.wav)."""
+
+    def native(self, member_bytes: bytes) -> dict:
+        """The ``properties`` this member has, from its header (nothing decoded); ValueError
+        for a member that cannot be read or has no single value for one of them."""
+        return {}
 
     def settings_dict(self) -> dict:
         return {"name": self.name, **dataclasses.asdict(self.settings)}

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .base import IMAGE, Modality, ResourceLimitError, check_limit, positive_limit, register
+from .base import IMAGE, Modality, ResourceLimitError, SettingMismatchError, check_limit, positive_limit, register
 
 _PATCH = re.compile(r"patch(\d+)")
 
@@ -180,6 +180,7 @@ class ImageModality(Modality):
     tag = IMAGE
     extensions = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
     Settings = ImageSettings
+    properties = ("size",)
 
     @property
     def payload_bytes(self) -> int:
@@ -206,29 +207,67 @@ class ImageModality(Modality):
             self.settings.max_pixels,
         )
 
-    def load(self, member_bytes: bytes) -> np.ndarray:
-        """Image file bytes (PNG, JPEG, WebP, ...) -> ``[size, size, 3]`` uint8 pixels.
-
-        The size is checked from the header before any pixel is decoded (``Image.open`` is
-        lazy); an image above ``max_pixels`` or Pillow's bomb limit is a `ResourceLimitError`.
-        """
+    def _open(self, member_bytes: bytes) -> Image.Image:
+        """Pillow's lazy open (header only), refusing an image above ``max_pixels`` or Pillow's
+        bomb limit (`ResourceLimitError`) and unreadable bytes (ValueError)."""
         try:
             with warnings.catch_warnings(record=True) as caught:  # Pillow's bomb warning refuses too
                 warnings.simplefilter("always", Image.DecompressionBombWarning)
                 im = Image.open(io.BytesIO(member_bytes))
-            with im:
-                self.check_size(*im.size)
-                bomb = [w.message for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
-                if bomb:
-                    raise _pillow_refusal(bomb[0])
-                im = ImageOps.exif_transpose(im)  # camera photos: apply the EXIF rotation
-                return self.fit(im)
         except UnidentifiedImageError:  # its message holds the BytesIO repr: say it plainly
             raise ValueError("cannot decode image: not a format Pillow recognises") from None
         except Image.DecompressionBombError as e:
             raise _pillow_refusal(e) from None
         except (OSError, SyntaxError) as e:
             raise ValueError(f"cannot decode image ({type(e).__name__}: {e})") from None
+        try:
+            self.check_size(*im.size)
+            bomb = [w.message for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+            if bomb:
+                raise _pillow_refusal(bomb[0])
+        except ValueError:
+            im.close()
+            raise
+        return im
+
+    def native(self, member_bytes: bytes) -> dict:
+        """``{"size": side}`` of a square image, from its header; a non-square image has no
+        single size (`SettingMismatchError`: the size must then be set, to crop to it)."""
+        with self._open(member_bytes) as im:
+            width, height = im.size
+        if width != height:
+            raise SettingMismatchError(
+                f"a {width}x{height} image is not square, so it gives no image size; set the size "
+                f"(adapter setting 'size') to centre-crop and resize every image to it",
+                "size",
+            )
+        return {"size": width}
+
+    def load(self, member_bytes: bytes) -> np.ndarray:
+        """Image file bytes (PNG, JPEG, WebP, ...) -> ``[size, size, 3]`` uint8 pixels.
+
+        The size is checked from the header before any pixel is decoded (``Image.open`` is
+        lazy); an image above ``max_pixels`` or Pillow's bomb limit is a `ResourceLimitError`.
+        When ``strict``, an image that is not ``size x size`` is a `SettingMismatchError`
+        instead of being cropped and resized.
+        """
+        im = self._open(member_bytes)
+        with im:
+            size = self.settings.size
+            if self.strict and im.size != (size, size):
+                width, height = im.size
+                raise SettingMismatchError(
+                    f"a {width}x{height} image, but the image size is {size} (setting 'size'); images "
+                    f"are resized only when the size is given explicitly (adapter_settings)",
+                    "size",
+                )
+            try:
+                im = ImageOps.exif_transpose(im)  # camera photos: apply the EXIF rotation
+                return self.fit(im)
+            except Image.DecompressionBombError as e:
+                raise _pillow_refusal(e) from None
+            except (OSError, SyntaxError) as e:
+                raise ValueError(f"cannot decode image ({type(e).__name__}: {e})") from None
 
     def encode(self, member_bytes: bytes, meta: dict | None = None) -> bytes:
         return to_order(self.load(member_bytes), self.settings.order)

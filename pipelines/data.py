@@ -7,9 +7,11 @@ sources.py.
 
 Training reads every source ``resampled`` (an endless, seeded random shard sequence per rank
 and worker), mixes sources by weight and shuffles windows in a buffer. Validation reads the
-fixed ``val-*.tar`` shards once, in the same order every time, each sample exactly once, and
-windows every sample on its own. Those are exactly the windows `polybyte eval` scores, so both
-report the same BPB, whatever the number of workers or ranks.
+fixed val shards (``val-*.tar``, or those ``val_sources`` names) once, in the same order every
+time, each sample exactly once, and windows every sample on its own. Those are exactly the
+windows `polybyte eval` scores, so both report the same BPB, whatever the number of workers or
+ranks. Validation batches take turns between the sources (each batch holds one source's
+windows), so a pass cut short by ``limit_val_batches`` still scores every modality.
 
 Multi-GPU / multi-node: with resampling, every rank (and every DataLoader worker) draws its
 own shard sequence from the *full* shard list, seeded by (seed, rank, worker); the
@@ -27,18 +29,22 @@ import logging
 import math
 import os
 import random
+import sys
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 
 import lightning
 import numpy as np
 import torch
 import webdataset as wds
+from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, IterableDataset
 
 from polybyte.modalities import TAGS
 
 from .demo_data import DEMO_SOURCES, ensure_demo_shards
-from .sources import SKIP_REASONS, SkipCounter, Source, decode_payloads, read_shards, resolve_sources
+from .reading import SKIP_REASONS, SkipCounter, decode_payloads, read_shards
+from .sources import Source, resolve_sources
 from .windows import sample_windows, train_windows
 
 log = logging.getLogger(__name__)
@@ -107,9 +113,22 @@ def _keep_every(samples: Iterable[dict], every: int, rank: int) -> Iterator[dict
             sample["__read__"].dropped += 1
 
 
+def round_robin(streams: list[Iterator]) -> Iterator:
+    """One item of each stream in turn, skipping the streams that have ended, until all have."""
+    live = list(streams)
+    while live:
+        for stream in list(live):
+            try:
+                yield next(stream)
+            except StopIteration:
+                live.remove(stream)
+
+
 class ValStream(IterableDataset):
     """Validation batches: each source's val shards once, in a fixed order, every sample read
-    by exactly one (rank, worker) and windowed on its own (`stream_windows`)."""
+    by exactly one (rank, worker) and windowed on its own (`stream_windows`). Each batch holds
+    one source's windows, and the sources take turns (`round_robin`), so the first batches of
+    a pass cover every source."""
 
     def __init__(self, sources, seq_len, batch_size, counter) -> None:
         super().__init__()
@@ -137,16 +156,23 @@ class ValStream(IterableDataset):
         tag = TAGS[source.modality]
         return ((w, tag) for w in sample_windows(decode_payloads(samples, source, self.counter), tag, self.seq_len))
 
-    def _rows(self):
-        rank, world, worker, workers = wds.utils.pytorch_worker_info()
-        for source in self.sources:
-            yield from self._source(source, rank, world, worker, workers)
-
     def __iter__(self):
-        return _batched(self._rows(), self.batch_size, partial=True)
+        rank, world, worker, workers = wds.utils.pytorch_worker_info()
+        return round_robin(
+            [
+                _batched(self._source(source, rank, world, worker, workers), self.batch_size, partial=True)
+                for source in self.sources
+            ]
+        )
 
 
 # --- the DataModule ---------------------------------------------------------------------------
+def _example_val(source: Source) -> str:
+    """A val_sources location to suggest for a source without val shards: its last training
+    shard when it has several (a shard named there is no longer trained on)."""
+    return source.train[-1] if len(source.train) > 1 else "SHARDS"
+
+
 class ByteDataModule(lightning.LightningDataModule):
     """Byte windows from webdataset shard sources, as ``(ids [B, seq_len], modality [B])``.
 
@@ -154,16 +180,22 @@ class ByteDataModule(lightning.LightningDataModule):
         sources: shard sources. A mapping ``{name: location}`` or a list of ``"name=location"``
             (or bare ``location`` for folders with a manifest). A location is a folder written
             by ``polybyte shard`` (``train-*.tar``, ``val-*.tar``, ``manifest.json``), any folder
-            of ``.tar`` shards, or a brace pattern/glob of shards. Without a manifest the name
-            must be the modality (``image=DIR``) and members are read by extension
-            (.txt / .png .jpg .jpeg / .wav .flac ...). ``"demo"``: the embedded demo shards
-            (text, image, audio), built once into the cache by `polybyte.pipelines.demo_data`.
-        val_sources: validation shards per source name (same syntax); default: each source
-            folder's ``val-*.tar``.
+            of ``.tar`` shards (all trained on; one named like a held-out split is refused), or
+            a brace pattern/glob of training shards. Without a manifest the name must be the
+            modality (``image=DIR``), members are read by extension (.txt / .png .jpg .jpeg /
+            .wav .flac ...) and the image size or sample rate is read from the first member.
+            ``"demo"``: the embedded demo shards (text, image, audio), built once into the
+            cache by `polybyte.pipelines.demo_data`.
+        val_sources: validation shards for the sources it names (mapping or list, same syntax;
+            a pattern, a shard, or a folder's ``val-*.tar``), e.g.
+            ``{"image": "cifar10/train-000009.tar"}``; shards named here are left out of
+            training. Sources it does not name keep their folder's ``val-*.tar``.
         weights: sampling weight per source (mapping by name, or a list in source order);
             default equal. Weights count windows, i.e. grid bytes.
         adapter_settings: adapter settings per source name, overriding the manifest's or the
-            defaults, e.g. ``{"image": {"size": 32}}``.
+            first member's, e.g. ``{"image": {"size": 32}}``. An image size or sample rate given
+            here is an instruction: members are cropped and resized or resampled to it (without
+            it, a member unlike the source's setting is refused and counted as ``mismatch``).
         seq_len: ids per window. Must exceed an image's payload (size*size*3) and be even for
             pcm16 audio.
         batch_size: training windows per batch (per rank).
@@ -223,13 +255,33 @@ class ByteDataModule(lightning.LightningDataModule):
             raise ValueError(f"max_skip_fraction must be in [0, 1), got {self.max_skip_fraction}")
         if self.batch_size < 1 or self.shuffle_buffer < 1 or self.seq_len < 2:
             raise ValueError("batch_size and shuffle_buffer must be >= 1 and seq_len >= 2")
-        sources = resolve_sources(self._specs(), self.val_specs, self.adapter_settings)
+        sources = resolve_sources(self._specs(), self.val_specs, self.adapter_settings, flag="--data.adapter_settings")
         for s in sources:
             self._check_fits(s)
+        self._notify(sources, stage)
         self.weights = self._resolve_weights(sources)
         self.sources = sources
         self._counter = SkipCounter(self.max_skip_fraction, self.min_seen)
         self._val_counter = SkipCounter(self.max_skip_fraction, self.min_seen)
+
+    @staticmethod
+    @rank_zero_only
+    def _notify(sources: list[Source], stage: str | None) -> None:
+        """The sources' notices, and one line when some source (or every one) has no val shards."""
+        for s in sources:
+            for note in s.notes:
+                print(f"polybyte data: {note}", file=sys.stderr)
+        missing = [s for s in sources if not s.val]
+        if not missing or (stage == "validate" and len(missing) == len(sources)):
+            return  # validate without any val data is an error (val_dataloader)
+        which = ", ".join(f"{s.name} at {s.location}" for s in missing)
+        example = f"--data.val_sources '{{{missing[0].name}: {_example_val(missing[0])}}}'"
+        if len(missing) == len(sources):
+            head = f"no validation data: no source has val shards ({which}); training runs without validation"
+        else:
+            covered = ", ".join(s.name for s in sources if s.val)
+            head = f"validation covers {covered} only: no val shards for {which}"
+        print(f"polybyte data: {head}; name val shards with {example}", file=sys.stderr)
 
     def _check_fits(self, source: Source) -> None:
         settings = source.adapter().settings
@@ -280,7 +332,10 @@ class ByteDataModule(lightning.LightningDataModule):
         active = [(s, w) for s, w in zip(self.sources, self.weights) if w > 0]
         empty = [s.name for s, _ in active if not s.train]
         if empty:
-            raise ValueError(f"sources {empty} have no training shards (train-*.tar); give them weight 0")
+            raise ValueError(
+                f"sources {empty} have no training shards (train-*.tar, or none left once the shards "
+                f"val_sources names are left out); give them weight 0"
+            )
         base = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
         seed = wds.utils.make_seed(base, self._restarts)
         stream = TrainStream(
@@ -294,10 +349,41 @@ class ByteDataModule(lightning.LightningDataModule):
         )
         return self._loader(stream, persistent=False)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | list:
+        """The validation loader; none (an empty list: Lightning then skips validation) when no
+        source has val shards, which `polybyte validate` refuses."""
         self.setup("validate")
-        stream = ValStream([s for s in self.sources if s.val], self.seq_len, self.val_batch_size, self._val_counter)
+        sources = [s for s in self.sources if s.val]
+        if not sources:
+            trainer = getattr(self, "trainer", None)
+            if trainer is not None and trainer.state.fn == "validate":
+                names = ", ".join(f"{s.name} at {s.location}" for s in self.sources)
+                raise ValueError(
+                    f"nothing to validate: no source has val shards ({names}); name them with --data.val_sources"
+                )
+            # Lightning would add a warning of its own to the one line _notify printed
+            warnings.filterwarnings("ignore", message="Total length of `list` across ranks is zero")
+            return []
+        self._check_limit(sources)
+        stream = ValStream(sources, self.seq_len, self.val_batch_size, self._val_counter)
         return self._loader(stream, persistent=True)
+
+    def _check_limit(self, sources: list[Source]) -> None:
+        """One line when fit's ``limit_val_batches`` may stop before every val source is scored.
+        Each loader worker takes turns between its sources, the DataLoader between its workers,
+        and worker 0 holds a shard of every source: ``sources x workers`` batches reach them all."""
+        trainer = getattr(self, "trainer", None)
+        limit = getattr(trainer, "limit_val_batches", None)
+        need = len(sources) * max(1, self.num_workers)
+        if trainer is None or trainer.state.fn != "fit" or type(limit) is not int or not 0 < limit < need:
+            return
+        if rank_zero_only.rank == 0:
+            print(
+                f"polybyte data: limit_val_batches {limit} is fewer than {len(sources)} val sources x "
+                f"{max(1, self.num_workers)} loader workers, so validation during fit may not reach every "
+                f"source; raise trainer.limit_val_batches to at least {need}",
+                file=sys.stderr,
+            )
 
     # reporting ----------------------------------------------------------------------------
     def _counters(self, split: str | None) -> list[SkipCounter]:

@@ -26,17 +26,9 @@ from polybyte.modalities import RESOURCE_LIMITS, TAGS
 
 from .bpb import BPBMeter
 from .export import load_exported
+from .reading import SKIP_REASONS, SkipCounter, decode_payloads, read_shards, skip_summary
 from .runtime import default_device
-from .sources import (
-    SKIP_REASONS,
-    SkipCounter,
-    Source,
-    decode_payloads,
-    parse_specs,
-    read_shards,
-    resolve_sources,
-    skip_summary,
-)
+from .sources import Source, resolve_sources
 from .windows import sample_stream, stream_windows
 
 
@@ -44,9 +36,9 @@ def read_val(source: Source) -> tuple[list[bytes], SkipCounter]:
     """Every readable val payload of a source, in the fixed val order, and the counter of the
     samples lost on the way (by reason; manifest shortfalls included)."""
     if not source.val:
-        hint = f", or name the shards to score: {source.name}='{source.train[-1]}'" if source.train else ""
         raise ValueError(
-            f"source {source.name!r} has no val shards (val-*.tar); shard it with --val-fraction > 0{hint}"
+            f"source {source.name!r} has no val shards (val-*.tar); shard it with --val-fraction > 0, "
+            f"or name the shards to score with a pattern"
         )
     counter = SkipCounter(max_fraction=0.5, min_seen=10)
     samples = read_shards(source.val, counter, source.expected, source.val_total)
@@ -102,11 +94,13 @@ def evaluate(
     max_samples: int | None = None,
     adapter_settings: dict[str, dict] | None = None,
 ) -> dict:
-    """Score the val samples of each ``modality=DIR`` source; write the report files.
+    """Score the val samples of each ``modality=DIR`` source, or the shards a ``modality=PATTERN``
+    names (whatever their names); write the report files.
 
     ``adapter_settings`` (``{source name: {setting: value}}``, as ``data.adapter_settings``)
-    override the settings a source is read with. A source without a manifest (a third-party
-    webdataset) is read with the settings the checkpoint was trained with for its modality.
+    override the settings a source is read with, and crop/resize or resample its members. A
+    source without a manifest (a third-party webdataset) is read with the settings the
+    checkpoint was trained with for its modality; its first members are checked against them.
     """
     device = default_device(device)
     model, info = load_exported(ckpt, device)
@@ -117,13 +111,12 @@ def evaluate(
     if not 0 < stride <= seq_len:
         raise ValueError(f"--stride must be in 1..seq_len={seq_len}, got {stride}")
     trained = info.get("modalities", {})
-    sources = resolve_sources(data, adapter_settings=_settings_arg(adapter_settings))
-    for (_, loc), source in zip(parse_specs(data), sources):
-        if not source.val and not Path(loc).expanduser().is_dir():
-            source.val = list(source.train)  # a glob or brace pattern names the shards to score
-        if not source.manifest and source.modality in trained:
-            base = {k: v for k, v in trained[source.modality].items() if k != "name"}
-            source.settings = {**base, **source.settings}  # explicit settings still win
+    sources = resolve_sources(
+        data, adapter_settings=_settings_arg(adapter_settings), defaults=trained, score=True, flag="--adapter-settings"
+    )
+    for source in sources:
+        for note in source.notes:
+            print(f"eval: note: {note}", file=sys.stderr)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report: dict = {
@@ -317,7 +310,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="polybyte eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, help="checkpoint folder (or .ckpt) written by `polybyte fit`")
     p.add_argument(
-        "--data", nargs="+", required=True, metavar="MODALITY=DIR", help="shard folders, e.g. text=shards/text"
+        "--data",
+        nargs="+",
+        required=True,
+        metavar="MODALITY=DIR|PATTERN",
+        help="what to score per source: a shard folder's val split (text=shards/text), or exactly "
+        'the shards a glob or brace pattern names, whatever their names ("image=cifar10/train-00000[89].tar")',
     )
     p.add_argument("--out", required=True, help="report folder")
     p.add_argument("--codecs", action="store_true", help="also compress the same samples with classic codecs")

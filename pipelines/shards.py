@@ -3,190 +3,78 @@
 Output in ``DIR``: ``train-%06d.tar`` and ``val-%06d.tar`` (a split gets no file when it gets
 no sample) and ``manifest.json``. Each sample is a lossless member plus ``.json`` metadata:
 
-- text: ``.txt``, the document's bytes as stored. Big files are cut into documents at line
-  ends (``max_doc_bytes``) so that a val split exists; JSON/JSONL records give one document each.
-- image: ``.png`` of the already cropped and resized RGB image, so reading it back with the
-  adapter yields exactly the payload. ``.npz`` batches (downsampled ImageNet) give one per row.
-- audio: ``.flac`` (16-bit PCM) of the mono clip at ``sample_rate``. The payload encoding
-  (pcm16/mulaw8/pcm8) is applied when reading, from the adapter settings in the manifest.
+- text: ``.txt``, the document's bytes as stored. Files are cut into documents at line ends
+  (``max_doc_bytes``; by default small enough that ``val_fraction`` of the text is ``min_val``
+  documents, between 4 and 64 KiB), so that a single-file corpus has a val split worth the
+  name; JSON/JSONL records give one document each (cut the same way when longer).
+- image: ``.png`` of the RGB image at ``size`` (cropped and resized only when the inputs differ
+  from it), so reading it back with the adapter yields exactly the payload. ``.npz`` batches
+  (downsampled ImageNet) give one per row.
+- audio: ``.flac`` (16-bit PCM) of the mono clip at ``sample_rate`` (resampled only when the
+  inputs differ from it). The payload encoding (pcm16/mulaw8/pcm8) is applied when reading,
+  from the adapter settings in the manifest.
 
-Keys are derived from the input file names (only ``[A-Za-z0-9_]``, ``-`` before a running
-index), so they never contain the dot webdataset splits extensions at. The train/val split is a
-hash of the key (of the recording, for audio clips: clips of one recording stay together), and
-tar headers carry fixed owner and time, so the same inputs give byte-identical shards.
+An image size or sample rate not given is read from the inputs (shard_inputs.py). Keys are
+derived from the input file names (only ``[A-Za-z0-9_]``, ``-`` before a running index), so they
+never contain the dot webdataset splits extensions at. The train/val split (shard_split.py) is
+a hash of the key (of the recording, for audio clips: clips of one recording stay together),
+topped up to ``min_val`` val samples; tar headers carry fixed owner and time, so the same inputs
+give byte-identical shards.
 """
 
-# Over 500 lines on purpose: the readers of three modalities share one writer, split and manifest.
 from __future__ import annotations
 
 import argparse
 import contextlib
-import glob
-import hashlib
 import io
 import json
-import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 import torch
-import webdataset as wds
 from PIL import Image
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from polybyte.modalities import Modality, ResourceLimitError, available, get_modality
+from polybyte.modalities import Modality, ResourceLimitError, SettingMismatchError, available, get_modality
 from polybyte.modalities.audio import clip_waveform, to_int16
 from polybyte.modalities.image import read_npz_batch
 from polybyte.modalities.text import JSON_EXTENSIONS, json_texts, split_documents
 
+from .shard_inputs import PROPERTY_FLAGS, ShardInput, expand_inputs, input_extensions, input_properties
+from .shard_inputs import slug as file_slug
+from .shard_split import (
+    DEFAULT_MAX_DOC_BYTES,
+    DEFAULT_MIN_VAL,
+    MIN_AUTO_DOC_BYTES,
+    SPLITS,
+    Sample,
+    Splitter,
+    SplitWriter,
+    auto_doc_bytes,
+)
 from .sources import MANIFEST
 
-SPLITS = ("train", "val")
-FIXED_MTIME = 946684800  # 2000-01-01 UTC in every tar header: output must not depend on run time
 DEFAULT_MAXCOUNT = 10_000  # samples per shard
 DEFAULT_MAXSIZE = 256 * 2**20  # member bytes per shard
-DEFAULT_MAX_DOC_BYTES = 64 * 2**10
-MAX_SLUG = 64  # longer names are shortened with a hash: tar (ustar) member names stay < 100 chars
-
-
-@dataclass
-class _Sample:
-    key: str  # webdataset key, unique, no dots
-    group: str  # the split is decided by a hash of this
-    ext: str  # payload member extension without the dot: txt / png / flac
-    data: bytes  # member bytes
-    meta: dict  # written as the .json member
-    payload_bytes: int  # length of the payload the adapter yields for this member
-
-
-@dataclass
-class _Input:
-    path: Path
-    name: str  # name relative to the input argument (file name, or path under a folder)
-
-
-@dataclass
-class _SplitWriter:
-    """A ShardWriter opened on the first sample, so a split without samples leaves no file."""
-
-    out_dir: Path
-    split: str
-    maxcount: int
-    maxsize: int
-    samples: int = 0
-    payload_bytes: int = 0
-    shards: list[str] = field(default_factory=list)
-    shard_samples: list[int] = field(default_factory=list)  # samples in each of `shards`
-    _writer: wds.ShardWriter | None = None
-
-    def _closed(self, fname: str) -> None:
-        self.shards.append(Path(fname).name)
-        self.shard_samples.append(self.samples - sum(self.shard_samples))
-
-    def write(self, sample: _Sample) -> None:
-        if self._writer is None:
-            self._writer = wds.ShardWriter(
-                str(self.out_dir / f"{self.split}-%06d.tar"),
-                maxcount=self.maxcount,
-                maxsize=self.maxsize,
-                post=self._closed,
-                verbose=0,
-                encoder=False,  # members are bytes already; never pickle
-                user="polybyte",
-                group="polybyte",
-                mtime=FIXED_MTIME,
-            )
-        meta = json.dumps(sample.meta, sort_keys=True, ensure_ascii=False).encode("utf-8")
-        self._writer.write({"__key__": sample.key, sample.ext: sample.data, "json": meta})
-        self.samples += 1
-        self.payload_bytes += sample.payload_bytes
-
-    def close(self) -> dict:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-        return {
-            "samples": self.samples,
-            "payload_bytes": self.payload_bytes,
-            "shards": self.shards,
-            "shard_samples": self.shard_samples,
-        }
-
-
-# --- inputs -----------------------------------------------------------------------------------
-def input_extensions(adapter: Modality) -> tuple[str, ...]:
-    """File extensions read from folders: the adapter's members plus JSON (text) / .npz (image)."""
-    extra = {"text": JSON_EXTENSIONS, "image": (".npz",)}.get(adapter.name, ())
-    return tuple(adapter.extensions) + tuple(extra)
-
-
-def expand_inputs(inputs: Iterable[str | Path], extensions: Sequence[str]) -> list[_Input]:
-    """Files, folders (recursive, by extension) and glob patterns -> sorted, de-duplicated files.
-
-    A named file is always taken; folders contribute only files with ``extensions``.
-    Raises ValueError for a path that does not exist or a pattern/folder with nothing to read.
-    """
-    found: list[_Input] = []
-    seen: set[Path] = set()
-
-    def add(path: Path, name: str) -> None:
-        resolved = path.resolve()
-        if resolved not in seen:
-            seen.add(resolved)
-            found.append(_Input(path, name))
-
-    def add_folder(folder: Path, spec: str) -> None:
-        files = sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in extensions)
-        if not files:
-            raise ValueError(f"folder {spec} holds no {'/'.join(extensions)} files")
-        for f in files:
-            add(f, f.relative_to(folder).as_posix())
-
-    for spec in map(str, inputs):
-        path = Path(spec)
-        if path.is_dir():
-            add_folder(path, spec)
-        elif path.is_file():
-            add(path, path.name)
-        elif re.search(r"[*?\[]", spec):
-            matches = sorted(Path(m) for m in glob.glob(spec, recursive=True))
-            if not matches:
-                raise ValueError(f"no file matches {spec!r}")
-            for m in matches:
-                if m.is_dir():
-                    add_folder(m, str(m))
-                else:
-                    add(m, m.name)
-        else:
-            raise ValueError(f"input not found: {spec} (give files, folders or glob patterns)")
-    return found
-
-
-def _slug(name: str) -> str:
-    """A file name -> a key stem of ``[A-Za-z0-9_]`` (dots and ``-`` become ``_``)."""
-    stem = Path(name).with_suffix("").as_posix()
-    slug = re.sub(r"[^A-Za-z0-9_]+", "_", stem).strip("_") or "sample"
-    if len(slug) > MAX_SLUG:
-        digest = hashlib.blake2b(name.encode("utf-8"), digest_size=8).hexdigest()
-        slug = f"{slug[: MAX_SLUG - 17]}_{digest}"
-    return slug
-
-
-def _is_val(group: str, val_fraction: float, seed: int) -> bool:
-    """Deterministic split: a 64-bit hash of the group, salted with the seed, vs the fraction."""
-    digest = hashlib.blake2b(f"{seed}:{group}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") < val_fraction * 2**64
 
 
 # --- per-modality samples ---------------------------------------------------------------------
 # Each reads one input file and raises ValueError/OSError before its first sample if the file
-# is unreadable; ``skip(source, reason)`` records a bad record inside an otherwise good file.
-def _text_samples(adapter, item: _Input, slug: str, source: str, opts: dict, skip) -> Iterator[_Sample]:
+# is unreadable; ``skip(source, reason)`` records a bad record inside an otherwise good file;
+# ``opts["converted"]`` counts the inputs cropped and resized or resampled to the settings.
+def _converts(adapter: Modality, data: bytes) -> bool:
+    """Whether the adapter changes this member's size or sample rate (it has been read already)."""
+    try:
+        return adapter.native(data) != {p: getattr(adapter.settings, p) for p in adapter.properties}
+    except SettingMismatchError:  # a non-square image: cropped
+        return True
+
+
+def _text_samples(adapter, item: ShardInput, slug: str, source: str, opts: dict, skip) -> Iterator[Sample]:
     adapter.check_size(item.path.stat().st_size)  # before reading it
     data = item.path.read_bytes()
     ext = item.path.suffix.lower()
@@ -205,7 +93,7 @@ def _text_samples(adapter, item: _Input, slug: str, source: str, opts: dict, ski
     for i, (doc, extra) in enumerate(docs):
         key = f"{slug}-{i:06d}"
         meta = {"modality": "text", "source": source, "doc": i, **extra}
-        yield _Sample(key, key, "txt", doc, meta, len(doc))
+        yield Sample(key, key, "txt", doc, meta, len(doc))
 
 
 def _png(pixels: np.ndarray) -> bytes:
@@ -214,27 +102,32 @@ def _png(pixels: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _image_samples(adapter, item: _Input, slug: str, source: str, opts: dict, skip) -> Iterator[_Sample]:
+def _image_samples(adapter, item: ShardInput, slug: str, source: str, opts: dict, skip) -> Iterator[Sample]:
     base = {"modality": "image", "source": source, "size": adapter.settings.size}
     if item.path.suffix.lower() == ".npz":
         size = adapter.settings.size
         for i, pixels, label in read_npz_batch(item.path, max_pixels=adapter.settings.max_pixels):
             if pixels.shape[0] != size:
                 pixels = adapter.fit(Image.fromarray(pixels))
+                opts["converted"] += i == 0  # counted once per batch (an input file)
             meta = {**base, "index": i, **({} if label is None else {"label": label})}
             key = f"{slug}-{i:06d}"
-            yield _Sample(key, key, "png", _png(pixels), meta, adapter.payload_bytes)
+            yield Sample(key, key, "png", _png(pixels), meta, adapter.payload_bytes)
     else:
-        pixels = adapter.load(item.path.read_bytes())
-        yield _Sample(slug, slug, "png", _png(pixels), base, adapter.payload_bytes)
+        data = item.path.read_bytes()
+        pixels = adapter.load(data)
+        opts["converted"] += _converts(adapter, data)
+        yield Sample(slug, slug, "png", _png(pixels), base, adapter.payload_bytes)
 
 
-def _audio_samples(adapter, item: _Input, slug: str, source: str, opts: dict, skip) -> Iterator[_Sample]:
+def _audio_samples(adapter, item: ShardInput, slug: str, source: str, opts: dict, skip) -> Iterator[Sample]:
     rate, clip_seconds = adapter.settings.sample_rate, adapter.settings.clip_seconds
-    wave = adapter.load(item.path.read_bytes())
-    clips = clip_waveform(wave, rate, clip_seconds)
+    data = item.path.read_bytes()
+    wave = adapter.load(data)
+    opts["converted"] += _converts(adapter, data)
+    clips = clip_waveform(wave, rate, clip_seconds)  # every sample in one clip, short recordings whole
     if not clips:
-        raise ValueError("no audio" if len(wave) == 0 else f"shorter than a quarter of a {clip_seconds}s clip")
+        raise ValueError("no audio (0 samples)")
     start = 0
     for i, clip in enumerate(clips):
         pcm = to_int16(clip)
@@ -248,11 +141,11 @@ def _audio_samples(adapter, item: _Input, slug: str, source: str, opts: dict, sk
             "samples": len(pcm),
         }
         key = slug if clip_seconds is None else f"{slug}-{i:06d}"
-        yield _Sample(key, slug, "flac", buf.getvalue(), meta, len(pcm) * adapter.bytes_per_sample)
+        yield Sample(key, slug, "flac", buf.getvalue(), meta, len(pcm) * adapter.bytes_per_sample)
         start += len(pcm)
 
 
-_PRODUCERS: dict[str, Callable[..., Iterator[_Sample]]] = {
+_PRODUCERS: dict[str, Callable[..., Iterator[Sample]]] = {
     "text": _text_samples,
     "image": _image_samples,
     "audio": _audio_samples,
@@ -288,43 +181,60 @@ def write_shards(
     *,
     settings: dict | None = None,
     val_fraction: float = 0.05,
+    min_val: int = DEFAULT_MIN_VAL,
     maxcount: int = DEFAULT_MAXCOUNT,
     maxsize: int = DEFAULT_MAXSIZE,
-    max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES,
+    max_doc_bytes: int | None = None,
     seed: int = 0,
     overwrite: bool = False,
     progress: bool = False,
 ) -> dict:
     """Write train/val shards of ``inputs`` into ``out_dir``; returns the manifest (also saved).
 
-    ``modality`` is a registered name (with adapter ``settings``) or an adapter instance.
-    Unreadable inputs are skipped and listed under ``"skipped"`` with their reason; inputs above
-    an adapter resource limit (``max_pixels``, ``max_seconds``, ...) are refused before decoding
-    and their entry also names the limit (``"limit"``). Raises ValueError for a bad
-    modality, setting, missing input, or an ``out_dir`` that already holds shards (unless
+    ``modality`` is a registered name (with adapter ``settings``) or an adapter instance. An
+    image ``size`` or audio ``sample_rate`` missing from ``settings`` is read from the inputs
+    (`input_properties`; manifest ``"from_inputs"``); inputs unlike the settings are converted
+    and counted (``"converted"``). ``val_fraction`` of the groups go to val by hash, at least
+    ``min_val`` of them (at most half; manifest ``"topped_up"``). ``max_doc_bytes`` None: chosen
+    from the text's size (`auto_doc_bytes`). Unreadable inputs are skipped and listed under
+    ``"skipped"`` with their reason; inputs above an adapter resource limit (``max_pixels``,
+    ``max_seconds``, ...) are refused before decoding and their entry also names the limit
+    (``"limit"``). Raises ValueError for a bad modality, setting, missing input, inputs that
+    disagree on a setting not given, or an ``out_dir`` that already holds shards (unless
     ``overwrite``, which deletes the old shards and manifest first).
     """
-    adapter = modality if isinstance(modality, Modality) else get_modality(modality, **(settings or {}))
+    settings = dict(settings or {})
+    adapter = modality if isinstance(modality, Modality) else get_modality(modality, **settings)
     if not 0.0 <= val_fraction <= 1.0:
         raise ValueError(f"val_fraction must be within [0, 1], got {val_fraction}")
-    if maxcount < 1 or maxsize < 1:
-        raise ValueError(f"maxcount and maxsize must be positive, got {maxcount} and {maxsize}")
-    if max_doc_bytes < 4:
+    if maxcount < 1 or maxsize < 1 or min_val < 0:
+        raise ValueError(
+            f"maxcount and maxsize must be positive and min_val >= 0, got {maxcount}, {maxsize}, {min_val}"
+        )
+    if max_doc_bytes is not None and max_doc_bytes < 4:
         raise ValueError(f"max_doc_bytes must be at least 4 (one UTF-8 character), got {max_doc_bytes}")
     inputs = [str(i) for i in inputs]
     files = expand_inputs(inputs, input_extensions(adapter))
+    given = adapter.properties if isinstance(modality, Modality) else settings
+    from_inputs = input_properties(adapter, files, given)
+    if from_inputs:
+        adapter = get_modality(adapter.name, **{**settings, **{k: v for k, (v, _) in from_inputs.items()}})
+    if adapter.name == "text" and max_doc_bytes is None:
+        max_doc_bytes = auto_doc_bytes(sum(f.path.stat().st_size for f in files), val_fraction, min_val)
     out_dir = Path(out_dir)
     _prepare_out_dir(out_dir, overwrite)
 
     produce = _PRODUCERS[adapter.name]
-    opts = {"max_doc_bytes": max_doc_bytes}
+    opts = {"max_doc_bytes": max_doc_bytes or DEFAULT_MAX_DOC_BYTES, "converted": 0}
     skipped: list[dict] = []
 
     def skip(source: str, reason: str, limit: str | None = None) -> None:
         skipped.append({"source": source, "reason": reason, **({"limit": limit} if limit else {})})
 
-    writers = {split: _SplitWriter(out_dir, split, maxcount, maxsize) for split in SPLITS}
+    writers = {split: SplitWriter(out_dir, split, maxcount, maxsize) for split in SPLITS}
+    splitter = Splitter(writers, val_fraction, min_val, seed)
     used: set[str] = set()
+    files_skipped = 0
     columns = (
         TextColumn("shard {task.description}"),
         BarColumn(),
@@ -340,7 +250,7 @@ def write_shards(
     ):
         task = bar.add_task(adapter.name, total=len(files), samples=0)
         for item in files:
-            slug = base = _slug(item.name)
+            slug = base = file_slug(item.name)
             n = 1
             while slug in used:  # same stem from different folders/extensions
                 n += 1
@@ -350,17 +260,18 @@ def write_shards(
             written = 0
             try:
                 for sample in produce(adapter, item, slug, source, opts, skip):
-                    split = "val" if _is_val(sample.group, val_fraction, seed) else "train"
-                    writers[split].write(sample)
+                    splitter.add(sample)
                     written += 1
             except (ValueError, OSError, EOFError) as e:
                 reason = str(e) or type(e).__name__
+                files_skipped += not written
                 skip(
                     source,
                     reason if not written else f"{reason} (stopped after {written} samples)",
                     e.setting if isinstance(e, ResourceLimitError) else None,
                 )
             bar.update(task, advance=1, samples=sum(w.samples for w in writers.values()))
+        splitter.close()
 
     manifest = {
         "format": "polybyte-shards/1",
@@ -369,12 +280,17 @@ def write_shards(
         "inputs": inputs,
         "options": {
             "val_fraction": val_fraction,
+            "min_val": min_val,
             "seed": seed,
             "maxcount": maxcount,
             "maxsize": maxsize,
-            **({"max_doc_bytes": max_doc_bytes} if adapter.name == "text" else {}),
+            **({"max_doc_bytes": opts["max_doc_bytes"]} if adapter.name == "text" else {}),
         },
+        # settings read from the inputs' headers: {setting: {"value": v, "files": n}}
+        "from_inputs": {k: {"value": v, "files": n} for k, (v, n) in from_inputs.items()},
+        "files": {"read": len(files), "skipped": files_skipped, "converted": opts["converted"]},
         "splits": {split: w.close() for split, w in writers.items()},
+        "topped_up": splitter.topped_up,  # val groups beyond the hash's share, to reach min_val
         "skipped": skipped,
     }
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -427,7 +343,19 @@ def build_parser() -> argparse.ArgumentParser:
         ".txt/.json/.jsonl for text",
     )
     p.add_argument("--out", required=True, type=Path, help="output folder")
-    p.add_argument("--val-fraction", type=float, default=0.05, help="share of samples for val (default 0.05)")
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.05,
+        help="share of samples for val, by a hash of their key (default 0.05; 0: no val split)",
+    )
+    p.add_argument(
+        "--min-val",
+        type=int,
+        default=DEFAULT_MIN_VAL,
+        help=f"val holds at least this many samples (recordings, documents), taking the next-lowest "
+        f"hashes, but never more than half of them (default {DEFAULT_MIN_VAL}; 0: the hash's share only)",
+    )
     p.add_argument("--maxcount", type=int, default=DEFAULT_MAXCOUNT, help="samples per shard")
     p.add_argument(
         "--maxsize",
@@ -439,21 +367,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--strict",
         action="store_true",
-        help="exit 1 when any input was skipped (with none written it always does)",
+        help="exit 1 when any input was skipped (it always does when more than half were, or all)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
     g = p.add_argument_group("adapter options")
-    g.add_argument("--size", type=int, help="image: square side in pixels (default 64)")
+    g.add_argument(
+        "--size",
+        type=int,
+        help="image: square side in pixels; inputs of another size are centre-cropped and resized "
+        "to it (default: the inputs' own size, when they are all square and of one size)",
+    )
     g.add_argument("--order", help="image: 'raster' (default) or 'patch{k}', e.g. patch4")
-    g.add_argument("--sample-rate", type=int, help="audio: resample to this rate in Hz (default 16000)")
+    g.add_argument(
+        "--sample-rate",
+        type=int,
+        help="audio: rate in Hz; recordings at another rate are resampled to it "
+        "(default: the inputs' own rate, when they all share one)",
+    )
     g.add_argument("--encoding", help="audio: pcm16 (default), mulaw8 or pcm8")
-    g.add_argument("--clip-seconds", type=float, help="audio: cut recordings into clips this long")
+    g.add_argument(
+        "--clip-seconds",
+        type=float,
+        help="audio: cut longer recordings into clips this long (a shorter recording is one clip; "
+        "a tail under a quarter clip joins the clip before it; no sample is dropped)",
+    )
     g.add_argument("--field", help="text: JSON field holding the text (default 'text')")
     g.add_argument(
         "--max-doc-bytes",
         type=int,
-        help=f"text: cut files into documents of at most this "
-        f"many bytes at line ends (default {DEFAULT_MAX_DOC_BYTES})",
+        help=f"text: cut files into documents of at most this many bytes at line ends (default: "
+        f"--val-fraction of the text in --min-val documents, within {MIN_AUTO_DOC_BYTES}..{DEFAULT_MAX_DOC_BYTES})",
     )
     limits = p.add_argument_group(
         "resource limits (inputs above them are skipped before decoding; recorded in the manifest)"
@@ -477,7 +420,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         flags = ", ".join("--" + k.replace("_", "-") for k in wrong)
         print(f"polybyte shard: error: {flags} do not apply to {args.modality}", file=sys.stderr)
         return 2
-    max_doc_bytes = given.pop("max_doc_bytes", DEFAULT_MAX_DOC_BYTES)
+    max_doc_bytes = given.pop("max_doc_bytes", None)
     try:
         manifest = write_shards(
             args.modality,
@@ -485,6 +428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.out,
             settings=given,
             val_fraction=args.val_fraction,
+            min_val=args.min_val,
             maxcount=args.maxcount,
             maxsize=args.maxsize,
             max_doc_bytes=max_doc_bytes,
@@ -495,30 +439,53 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"polybyte shard: error: {e}", file=sys.stderr)
         return 2
-    splits, skipped = manifest["splits"], manifest["skipped"]
+    return _report(args, manifest)
+
+
+def _report(args: argparse.Namespace, manifest: dict) -> int:
+    """Print the skips, notes and summary of a finished `write_shards`; the exit status."""
+    splits, skipped, files = manifest["splits"], manifest["skipped"], manifest["files"]
+    err = sys.stderr
     for entry in skipped[:20]:
-        print(f"skipped {entry['source']}: {entry['reason']}", file=sys.stderr)
+        print(f"skipped {entry['source']}: {entry['reason']}", file=err)
     if len(skipped) > 20:
-        print(f"... and {len(skipped) - 20} more (see {args.out / MANIFEST})", file=sys.stderr)
+        print(f"... and {len(skipped) - 20} more (see {args.out / MANIFEST})", file=err)
+    for setting, found in manifest["from_inputs"].items():
+        value, n = found["value"], found["files"]
+        what, verb = ("image size", "crops and resizes") if setting == "size" else ("sample rate", "resamples")
+        unit = f" ({value}x{value} pixels)" if setting == "size" else " Hz"
+        print(
+            f"note: {what} {value}{unit} read from the inputs ({n} file{'s' * (n != 1)}); "
+            f"{PROPERTY_FLAGS[setting]} {verb} to another",
+            file=err,
+        )
     train, val = splits["train"]["samples"], splits["val"]["samples"]
     if val == 0 and args.val_fraction > 0 and train > 1:
         hint = ", a smaller --max-doc-bytes" if args.modality == "text" else ""
-        print(
-            f"warning: no sample fell into val; raise --val-fraction{hint} or change --seed",
-            file=sys.stderr,
-        )
+        print(f"warning: no sample fell into val; raise --val-fraction or --min-val{hint}", file=err)
     if train + val == 0:
         print(
             f"polybyte shard: error: wrote 0 samples: every input was skipped "
             f"({len(skipped)} skips, reasons in {args.out / MANIFEST})",
-            file=sys.stderr,
+            file=err,
         )
         return 1
     payload = splits["train"]["payload_bytes"] + splits["val"]["payload_bytes"]
     over_limit = sum("limit" in entry for entry in skipped)
     limits = f" ({over_limit} above resource limits)" if over_limit else ""
+    topped = f", {manifest['topped_up']} of them topped up to --min-val" if manifest["topped_up"] else ""
+    verb = {"image": "centre-cropped and resized to", "audio": "resampled to"}.get(args.modality)
+    value = {"image": f"{manifest['settings'].get('size')}px", "audio": f"{manifest['settings'].get('sample_rate')} Hz"}
+    converted = f", {files['converted']} {verb} {value[args.modality]}" if verb and files["converted"] else ""
     print(
-        f"wrote {train + val} samples (train {train} / val {val}), {payload} payload bytes, "
-        f"{len(skipped)} skipped{limits} -> {args.out}"
+        f"wrote {train + val} samples (train {train} / val {val}{topped}) from {files['read'] - files['skipped']} "
+        f"of {files['read']} files{converted}, {payload} payload bytes, {len(skipped)} skipped{limits} -> {args.out}"
     )
+    if files["skipped"] * 2 > files["read"]:
+        print(
+            f"polybyte shard: error: {files['skipped']} of {files['read']} input files were skipped, most of the "
+            f"data (first reason: {skipped[0]['reason']}); see the reasons above and in {args.out / MANIFEST}",
+            file=err,
+        )
+        return 1
     return 1 if args.strict and skipped else 0

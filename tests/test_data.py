@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import io
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -176,7 +177,7 @@ def test_two_ranks_each_get_data_and_split_validation_exactly(shards, monkeypatc
     assert sorted(texts[0] + texts[1]) == sorted(_val_payloads(shards["text"], "text"))
 
 
-def _png(rng, size=(40, 30)) -> bytes:
+def _png(rng, size=(32, 32)) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buf, format="PNG")
     return buf.getvalue()
@@ -193,7 +194,9 @@ def _bad_image_shard(path: Path, good: int, bad: int) -> None:
 
 def test_corrupt_member_is_skipped_and_counted_across_workers(tmp_path):
     _bad_image_shard(tmp_path / "part-0.tar", good=30, bad=1)
-    dm = _dm({"image": tmp_path}, val_sources={"image": str(tmp_path / "*.tar")}, min_seen_for_skip_check=10)
+    (tmp_path / "v").mkdir()  # the same shard for validation: a shard named as val is never trained on
+    shutil.copy(tmp_path / "part-0.tar", tmp_path / "v" / "part-0.tar")
+    dm = _dm({"image": tmp_path}, val_sources={"image": str(tmp_path / "v" / "*.tar")}, min_seen_for_skip_check=10)
     rows = _rows(list(dm.val_dataloader()), IMAGE)
     assert len(rows) == 30 and dm.skipped == 1 and dm.seen == 31
     _take(dm.train_dataloader(), 10)  # 80 images: the bad member is met again, in a worker
@@ -225,13 +228,25 @@ def test_foreign_webdataset_without_manifest_loads(tmp_path):
             sf.write(buf, rng.integers(-3000, 3000, 4000, dtype=np.int16), 16000, format="WAV", subtype="PCM_16")
             tar.write({"__key__": f"clip{i}", "wav": buf.getvalue()})
     sources = {"image": pictures, "text": pictures, "audio": wav_files}
-    val_sources = {n: str(p / "*.tar") for n, p in sources.items()}
+    for folder in (pictures, wav_files):  # the same shards for validation (never trained on: copies)
+        shutil.copytree(folder, tmp_path / "val" / folder.name)
+    val_sources = {n: str(tmp_path / "val" / p.name / "*.tar") for n, p in sources.items()}
     # training leaves out the 10-byte captions: packing 16 KiB windows from them is slow
     weights = {"image": 1.0, "text": 0.0, "audio": 1.0}
-    dm = _dm(sources, val_sources=val_sources, weights=weights, seq_len=16384, num_workers=0, shuffle_buffer=4)
+    # 80x48 photos give no image size of their own: it is given, and they are cropped and resized to it
+    settings = {"image": {"size": 64}}
+    dm = _dm(
+        sources,
+        val_sources=val_sources,
+        weights=weights,
+        adapter_settings=settings,
+        seq_len=16384,
+        num_workers=0,
+        shuffle_buffer=4,
+    )
 
     val = list(dm.val_dataloader())
-    image = get_modality("image")  # default settings: 64x64 raster
+    image = get_modality("image", size=64)  # raster
     assert [_clip_payload(r) for r in _rows(val, IMAGE)] == [image.encode(j) for j in jpgs]
     assert _text_docs(_rows(val, TEXT)) == [f"caption {i}".encode() for i in range(6)]
     assert [len(_clip_payload(r)) for r in _rows(val, AUDIO)] == [8000] * 4  # 4000 pcm16 samples

@@ -68,7 +68,7 @@ def write_config(path: Path, run: Path, *, steps: int, val_every: int, ckpt_ever
         default_root_dir=str(run),
         max_steps=steps,
         val_check_interval=val_every,
-        limit_val_batches=2,
+        limit_val_batches=3,  # one batch of each source: batches take turns between sources
         log_every_n_steps=1,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -138,6 +138,16 @@ def test_fit_loss_falls(trained):
     assert all(math.isfinite(v) for _, v in series(rows, "train/loss"))
     steps = [s for s, _ in series(rows, "train/loss")]
     assert steps == list(range(STEPS))
+
+
+def test_fit_validation_scores_every_modality(trained):
+    """Validation batches take turns between the sources, so each check of a fit limited to 3
+    batches logs text, image and audio (read one source after the other, the 3 batches were
+    all text)."""
+    rows = [r for r in trained["rows"] if "val/loss" in r]
+    assert len(rows) == 3
+    for row in rows:
+        assert {k for k in row if k.startswith("val/bpb_")} == {"val/bpb_text", "val/bpb_image", "val/bpb_audio"}, row
 
 
 def test_fit_logs_training_metrics(trained):

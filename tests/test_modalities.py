@@ -280,7 +280,9 @@ def test_flac_and_ogg_members_decode(fsdd_wav):
 def test_clips_keep_a_tail_of_at_least_a_quarter():
     x = np.zeros(1000, np.int16)
     assert [len(c) for c in clip_waveform(x, 100, 3.0)] == [300, 300, 300, 100]
-    assert [len(c) for c in clip_waveform(x, 100, 4.5)] == [450, 450]  # 100 < 450/4: dropped
+    assert [len(c) for c in clip_waveform(x, 100, 4.5)] == [450, 550]  # 100 < 450/4: joins the clip before
+    assert [len(c) for c in clip_waveform(x, 100, 40.0)] == [1000]  # shorter than a clip: one short clip
+    assert np.array_equal(np.concatenate(clip_waveform(x, 100, 4.5)), x)  # no sample lost
     assert MIN_CLIP_FRACTION == 0.25
     assert [len(c) for c in clip_waveform(x, 100, None)] == [1000]
     assert clip_waveform(x[:0], 100, None) == []

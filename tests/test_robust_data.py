@@ -133,7 +133,14 @@ def test_val_shard_truncated_on_a_member_boundary_counts_the_missing_samples(tmp
     last = f"eval: report written to {tmp_path / 'r'}/report.md; 3 samples skipped (3 missing)"
     assert out.strip().splitlines()[-1] == last
     report = json.loads((tmp_path / "r" / "report.json").read_text())
-    assert report["skipped"] == {"total": 3, "undecodable": 0, "over_limit": 0, "shard_error": 0, "missing": 3}
+    assert report["skipped"] == {
+        "total": 3,
+        "undecodable": 0,
+        "over_limit": 0,
+        "mismatch": 0,
+        "shard_error": 0,
+        "missing": 3,
+    }
     assert report["modalities"]["image"]["skipped"]["missing"] == 3
     assert report["modalities"]["image"]["samples"] == 9
     md = (tmp_path / "r" / "report.md").read_text()
@@ -288,7 +295,14 @@ def test_eval_reports_over_limit_skips(tmp_path, image_export, capsys):
     assert rc == 0, err
     assert out.strip().splitlines()[-1].endswith("; 2 samples skipped (1 undecodable, 1 over_limit)")
     report = json.loads((tmp_path / "r" / "report.json").read_text())
-    assert report["skipped"] == {"total": 2, "undecodable": 1, "over_limit": 1, "shard_error": 0, "missing": 0}
+    assert report["skipped"] == {
+        "total": 2,
+        "undecodable": 1,
+        "over_limit": 1,
+        "mismatch": 0,
+        "shard_error": 0,
+        "missing": 0,
+    }
     assert "2 samples skipped (1 undecodable, 1 over_limit) on the way." in (tmp_path / "r" / "report.md").read_text()
 
 
@@ -354,7 +368,7 @@ def _text_shards(folder: Path, docs: list[bytes]) -> Path:
     src.mkdir(parents=True)
     for i, doc in enumerate(docs):
         (src / f"doc{i:02d}.txt").write_bytes(doc)
-    write_shards("text", [src], folder, val_fraction=0.3)
+    write_shards("text", [src], folder, val_fraction=0.3, min_val=0)  # the hash's split: doc12 trains
     return folder
 
 

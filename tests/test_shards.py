@@ -239,7 +239,9 @@ def test_console_script_end_to_end(tmp_path):
     run = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     # "document i\n" is 11 bytes
-    assert run.stdout.strip() == f"wrote 3 samples (train 3 / val 0), 33 payload bytes, 0 skipped -> {tmp_path / 'o'}"
+    assert run.stdout.strip() == (
+        f"wrote 3 samples (train 3 / val 0) from 3 of 3 files, 33 payload bytes, 0 skipped -> {tmp_path / 'o'}"
+    )
     keys = sorted(_all_samples(tmp_path / "o"))
     assert keys == ["doc_0-000000", "doc_1-000000", "doc_2-000000"]
     run = subprocess.run(
