@@ -349,6 +349,22 @@ class ByteDataModule(lightning.LightningDataModule):
         )
         return self._loader(stream, persistent=False)
 
+    def calibration_batch(self, modalities: list[str], per_source: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids [N, seq_len], tags [N]): the first ``per_source`` training windows of every source
+        of these modalities, in shard order (the same on every rank), for calibrating patching."""
+        self.setup("fit")
+        missing = sorted(set(modalities) - {s.modality for s in self.sources})
+        if missing:
+            raise ValueError(f"model.patch_targets names {missing} but no data source holds that modality")
+        rows = []
+        for source in self.sources:
+            if source.modality in modalities:
+                counter = SkipCounter(1.0, 0)  # counted only while calibrating; training counts its own
+                payloads = decode_payloads(read_shards(source.train, counter, source.expected), source, counter)
+                windows = train_windows(payloads, source.modality, self.seq_len)
+                rows += [(w, TAGS[source.modality]) for _, w in zip(range(per_source), windows)]
+        return collate(rows)
+
     def val_dataloader(self) -> DataLoader | list:
         """The validation loader; none (an empty list: Lightning then skips validation) when no
         source has val shards, which `polybyte validate` refuses."""

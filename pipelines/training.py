@@ -18,7 +18,7 @@ import lightning as L
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
 
-from polybyte.modalities import TAG_NAMES
+from polybyte.modalities import TAG_NAMES, TAGS
 from polybyte.models import ByteLM, build_model, config_to_dict
 from polybyte.models.base import nll_loss
 
@@ -94,6 +94,10 @@ class ByteLMModule(L.LightningModule):
             loaded into the BLT's frozen entropy model.
         max_nonfinite_steps: a step whose loss or gradients are NaN/Inf is skipped (no update) and
             counted in ``train/nonfinite_steps``; this many in a row stop the run with an error.
+        patch_targets: BLT entropy patching only: the target mean patch length per modality
+            (``{text: 4, image: 8}``). At fit start each named modality without a threshold yet
+            gets its own, calibrated on its first training windows (``BLT.calibrate_thresholds``);
+            they are kept in the checkpoint and the export's config, so sampling patches alike.
     """
 
     def __init__(
@@ -108,6 +112,7 @@ class ByteLMModule(L.LightningModule):
         compile: bool | CompileScope = False,
         entropy_model: str | None = None,
         max_nonfinite_steps: int = 5,
+        patch_targets: dict[str, float] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -377,10 +382,38 @@ class ByteLMModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["nonfinite_steps"] = self.nonfinite_steps
+        patcher = getattr(self.model.config, "patcher", None)
+        if patcher is not None and patcher.thresholds:
+            checkpoint["patch_thresholds"] = dict(patcher.thresholds)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._nonfinite_base = checkpoint.get("nonfinite_steps", 0)
         self._bad_total, self._bad_run = 0, 0
+        if "patch_thresholds" in checkpoint:  # calibrated once, at the run's first start
+            self.model.config.patcher.thresholds = dict(checkpoint["patch_thresholds"])
+
+    def on_fit_start(self) -> None:
+        self._calibrate_patching()
+
+    def _calibrate_patching(self) -> None:
+        """``patch_targets``: a threshold per modality that has none yet, from its training windows."""
+        targets = self.hparams.patch_targets
+        if not targets:
+            return
+        patcher = getattr(self.model.config, "patcher", None)
+        if patcher is None or not patcher.needs_entropies:
+            raise ValueError("model.patch_targets needs a BLT with entropy patching (model.model.patcher.kind entropy)")
+        unknown = sorted(set(targets) - set(TAGS))
+        if unknown:
+            raise ValueError(f"model.patch_targets names unknown modalities {unknown}; known: {sorted(TAGS)}")
+        todo = {TAGS[m]: float(t) for m, t in targets.items() if TAGS[m] not in (patcher.thresholds or {})}
+        if not todo:
+            return
+        ids, modality = self.trainer.datamodule.calibration_batch([TAG_NAMES[t] for t in todo])
+        found = self.model.calibrate_thresholds(ids.to(self.device), modality.to(self.device), todo)
+        if self.trainer.is_global_zero:
+            parts = ", ".join(f"{TAG_NAMES[t]} {v:.3f} (mean {todo[t]:g})" for t, v in found.items())
+            print(f"patching: entropy thresholds per modality, on {len(ids)} training windows: {parts}", flush=True)
 
     def configure_optimizers(self):
         hp = self.hparams
