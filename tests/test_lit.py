@@ -207,7 +207,7 @@ def test_exports_carry_a_model_card_of_the_run(trained, demo_shards):
     assert sorted(val_text) == [9, 19, 29]
     for name, val_step in (("epoch=0-step=15", 10), (f"epoch=0-step={STEPS}", 20), ("last", 20)):
         info = json.loads((ckpts / name / "config.json").read_text())
-        assert info["val"]["step"] == val_step and info["val"]["limit_val_batches"] == 2
+        assert info["val"]["step"] == val_step and info["val"]["limit_val_batches"] == 3
         (row,) = [r for r in trained["rows"] if r.get("step") == val_step - 1 and "val/loss" in r]
         assert info["val"]["bpb"] == pytest.approx(  # the modalities this (limited) pass scored
             {k.removeprefix("val/bpb_"): v for k, v in row.items() if k.startswith("val/bpb_")}, rel=1e-6
@@ -222,7 +222,7 @@ def test_exports_carry_a_model_card_of_the_run(trained, demo_shards):
             "| backbone | `megabyte` |",
             f"| training steps | {info['step']} |",
             f"text {info['val']['bpb']['text']:.3f}",
-            f"(validation at step {val_step}, on `limit_val_batches: 2` of the val set)",
+            f"(validation at step {val_step}, on `limit_val_batches: 3` of the val set)",
             f"train shards in `{Path(demo_shards['text']).resolve()}`, weight 1",
             "patch_size 12, global_dim 16, global_layers 2",
             f'polybyte.load("{ckpts / name}")',
