@@ -160,7 +160,8 @@ def _data(data: list[dict] | None) -> str:
     if not data:
         return "not recorded"
     return "; ".join(
-        f"`{d['name']}` ({d['modality']}): {d['train_shards']} train shards in `{d['shards']}`, weight {d['weight']:g}"
+        f"`{d['name']}` ({d['modality']}): {d['train_shards']} train shard{'s' * (d['train_shards'] != 1)} "
+        f"in `{d['shards']}`, weight {d['weight']:g}"
         for d in data
     )
 

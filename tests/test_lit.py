@@ -223,7 +223,8 @@ def test_exports_carry_a_model_card_of_the_run(trained, demo_shards):
             f"| training steps | {info['step']} |",
             f"text {info['val']['bpb']['text']:.3f}",
             f"(validation at step {val_step}, on `limit_val_batches: 3` of the val set)",
-            f"train shards in `{Path(demo_shards['text']).resolve()}`, weight 1",
+            f"`text` (text): {next(d['train_shards'] for d in info['data'] if d['name'] == 'text')} train shard",
+            f" in `{Path(demo_shards['text']).resolve()}`, weight 1",
             "patch_size 12, global_dim 16, global_layers 2",
             f'polybyte.load("{ckpts / name}")',
         ):
