@@ -40,10 +40,12 @@ def _sharded_pixels(shards: Path) -> np.ndarray:
         return np.asarray(Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGB"))
 
 
-def test_model_overfit_to_one_photo_samples_it_back_exactly(tmp_path, monkeypatch):
+@pytest.mark.parametrize("order", ["raster", "patch2"])  # patch2: the order of the CIFAR-10 recipe
+def test_model_overfit_to_one_photo_samples_it_back_exactly(order, tmp_path, monkeypatch):
     _one_photo(tmp_path / "photo")
     shards = tmp_path / "shards"
-    argv = ["shard", "image", str(tmp_path / "photo"), "--out", str(shards), "--size", str(SIZE), "--val-fraction", "0"]
+    argv = ["shard", "image", str(tmp_path / "photo"), "--out", str(shards), "--size", str(SIZE), "--order", order]
+    argv += ["--val-fraction", "0"]
     assert cli.main(argv) == 0
     pixels = _sharded_pixels(shards)
     assert pixels.shape == (SIZE, SIZE, 3) and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 20  # a photo
