@@ -125,6 +125,9 @@ class ByteLMModule(L.LightningModule):
         self.train_meter = BPBMeter()  # training: since the last logging step
         # throughput since the last logging step (see _log_throughput)
         self._t_last: float | None = None
+        self._t_start: float | None = None  # this start's first step (on_train_start)
+        # cumulative over the run, resumes included (kept in the checkpoint): perf/train_seconds, _flops
+        self._train_seconds, self._train_flops = 0.0, 0.0
         self._bytes, self._patches, self._patch_bytes = 0, 0, 0
         self._loss_sum, self._loss_steps = 0, 0  # train/loss: device sum over the interval
         self._fused = False  # fused AdamW (see configure_optimizers)
@@ -232,25 +235,30 @@ class ByteLMModule(L.LightningModule):
             self._patch_bytes = self._patch_bytes + aux["num_bytes"].detach()
         if not self._is_log_step():
             return
-        now = time.perf_counter()
+        now, world = time.perf_counter(), self.trainer.world_size
+        mean_patch = None
+        if "num_patches" in aux:
+            mean_patch = float(self._patch_bytes) / max(float(self._patches), 1.0)
+        flops_per_byte = self.model.flops_per_byte(mean_patch_len=mean_patch)
+        # learning curves (`polybyte plot`): the fit's wall time and training FLOPs so far
+        self._train_seconds += now - (self._t_last or self._t_start or now)
+        self._train_flops += flops_per_byte * self._bytes * world
+        self.log("perf/train_seconds", self._train_seconds)
+        self.log("perf/train_flops", self._train_flops)
         if self._t_last is not None:
             dt = now - self._t_last
-            world = self.trainer.world_size
             bytes_per_s = self._bytes * world / dt
             self.log("perf/bytes_per_s", bytes_per_s, prog_bar=True)
-            mean_patch = None
-            if "num_patches" in aux:
-                patches = float(self._patches)
-                mean_patch = float(self._patch_bytes) / max(patches, 1.0)
-                self.log("perf/patches_per_s", patches * world / dt)
+            if mean_patch is not None:
+                self.log("perf/patches_per_s", float(self._patches) * world / dt)
                 self.log("perf/mean_patch_len", mean_patch)
             if self._peak_flops:
-                mfu = self.model.flops_per_byte(mean_patch_len=mean_patch) * bytes_per_s / (self._peak_flops * world)
-                self.log("perf/mfu", mfu, prog_bar=True)
+                self.log("perf/mfu", flops_per_byte * bytes_per_s / (self._peak_flops * world), prog_bar=True)
         self._t_last, self._bytes, self._patches, self._patch_bytes = now, 0, 0, 0
 
     def on_train_start(self) -> None:
         self._peak_flops = device_peak_flops(self.device)
+        self._t_start = time.perf_counter()
 
     def _log_skips(self, split: str, key: str) -> dict[str, int] | None:
         """Log ``key`` (samples the ``split`` stream lost so far) and ``key_<reason>`` per reason
@@ -382,6 +390,7 @@ class ByteLMModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["nonfinite_steps"] = self.nonfinite_steps
+        checkpoint["train_seconds"], checkpoint["train_flops"] = self._train_seconds, self._train_flops
         patcher = getattr(self.model.config, "patcher", None)
         if patcher is not None and patcher.thresholds:
             checkpoint["patch_thresholds"] = dict(patcher.thresholds)
@@ -389,6 +398,8 @@ class ByteLMModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._nonfinite_base = checkpoint.get("nonfinite_steps", 0)
         self._bad_total, self._bad_run = 0, 0
+        self._train_seconds = checkpoint.get("train_seconds", 0.0)
+        self._train_flops = checkpoint.get("train_flops", 0.0)
         if "patch_thresholds" in checkpoint:  # calibrated once, at the run's first start
             self.model.config.patcher.thresholds = dict(checkpoint["patch_thresholds"])
 

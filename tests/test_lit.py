@@ -272,6 +272,11 @@ def test_resume_continues_step_count(trained, monkeypatch):
     resumed = [s for s, _ in series(metrics(run), "train/loss")]
     assert resumed == list(range(STEPS, STEPS + 6))  # continued, not restarted from 0
     assert not list(ckpts.glob("last-v*"))  # the same `last` was moved on
+    # the learning curves' axes (polybyte plot) run on over the resume: cumulative time and FLOPs
+    for key in ("perf/train_seconds", "perf/train_flops"):
+        first, second = [v for _, v in series(trained["rows"], key)], [v for _, v in series(metrics(run), key)]
+        values = first + second
+        assert len(first) > 1 and len(second) > 1 and all(b > a for a, b in zip(values, values[1:])), key
 
 
 def test_print_config(demo_shards, monkeypatch, capsys):
