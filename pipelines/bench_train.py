@@ -47,6 +47,8 @@ def _time_training(
     t0 = time.perf_counter()
     for i in range(warmup):
         step(i)
+    # One pair of CUDA events around all timed steps, not Lightning's ThroughputMonitor (a Trainer
+    # callback that synchronizes after every batch): no host sync inside the timed loop.
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -105,7 +107,7 @@ def bench_train(
     device = default_device()
     cuda = device.type == "cuda"
     corpus = np.frombuffer(Path(text).read_bytes(), dtype=np.uint8) if text else None
-    peak = device_peak_flops(device)
+    peak = device_peak_flops(device, torch.bfloat16)  # the steps run under bf16 autocast on CUDA
     scope = compile_scope(compile_model)  # None: eager
     results = []
 

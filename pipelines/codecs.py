@@ -162,13 +162,16 @@ def available_codecs() -> dict[str, list[tuple[str, bool, str]]]:
 
 
 # --- measurement --------------------------------------------------------------------------------
-def codec_bpb(modality: str, payloads: list[bytes], settings: dict | None = None) -> dict[str, dict]:
+def codec_bpb(
+    modality: str, payloads: list[bytes], settings: dict | None = None, progress: Callable[[str], None] | None = None
+) -> dict[str, dict]:
     """Bits per payload byte of every baseline codec of ``modality`` over ``payloads``.
 
     ``settings`` are the adapter's settings (``Modality.settings_dict()``): images need
     ``size`` (and ``order``, default raster); audio needs ``sample_rate`` (and ``encoding``,
     default pcm16). Returns ``{codec: {"bpb", "bytes_in", "bytes_out", "samples"}}`` or
     ``{codec: {"skipped": reason}}`` for a codec that is missing or failed on this data.
+    ``progress(name)`` is called after each codec (those skipped too).
     """
     settings = dict(settings or {})
     if modality not in ("text", "image", "audio"):
@@ -197,22 +200,19 @@ def codec_bpb(modality: str, payloads: list[bytes], settings: dict | None = None
 
     results: dict[str, dict] = {}
     for name, available, note in available_codecs()[modality]:
-        if not available:
-            results[name] = {"skipped": note}
-            continue
-        try:
-            outs = coders[name]()
-        except (RuntimeError, OSError, ValueError) as err:
-            results[name] = {"skipped": f"{name} failed: {err}"}
-            continue
-        bytes_out = sum(len(o) for o in outs)
-        results[name] = {
-            "bpb": 8 * bytes_out / bytes_in,
-            "bytes_in": bytes_in,
-            "bytes_out": bytes_out,
-            "samples": len(payloads),
-        }
+        results[name] = _run_codec(name, coders[name], bytes_in, len(payloads)) if available else {"skipped": note}
+        if progress is not None:
+            progress(name)
     return results
+
+
+def _run_codec(name: str, coder: Callable[[], list[bytes]], bytes_in: int, samples: int) -> dict:
+    try:
+        outs = coder()
+    except (RuntimeError, OSError, ValueError) as err:
+        return {"skipped": f"{name} failed: {err}"}
+    bytes_out = sum(len(o) for o in outs)
+    return {"bpb": 8 * bytes_out / bytes_in, "bytes_in": bytes_in, "bytes_out": bytes_out, "samples": samples}
 
 
 def _setting(settings: dict, key: str, modality: str):

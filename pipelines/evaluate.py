@@ -14,15 +14,17 @@ Outputs in ``--out``: ``report.json``, ``report.md`` (one table per modality: mo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from polybyte.modalities import RESOURCE_LIMITS, TAGS
+from polybyte.modalities import NUM_BYTES, RESOURCE_LIMITS, TAGS
 
 from .bpb import BPBMeter
 from .export import load_exported
@@ -32,9 +34,10 @@ from .sources import Source, resolve_sources
 from .windows import sample_stream, stream_windows
 
 
-def read_val(source: Source) -> tuple[list[bytes], SkipCounter]:
+def read_val(source: Source, progress: Callable[[int], None] | None = None) -> tuple[list[bytes], SkipCounter]:
     """Every readable val payload of a source, in the fixed val order, and the counter of the
-    samples lost on the way (by reason; manifest shortfalls included)."""
+    samples lost on the way (by reason; manifest shortfalls included). ``progress(1)`` is called
+    per payload read."""
     if not source.val:
         raise ValueError(
             f"source {source.name!r} has no val shards (val-*.tar); shard it with --val-fraction > 0, "
@@ -42,7 +45,11 @@ def read_val(source: Source) -> tuple[list[bytes], SkipCounter]:
         )
     counter = SkipCounter(max_fraction=0.5, min_seen=10)
     samples = read_shards(source.val, counter, source.expected, source.val_total)
-    payloads = list(decode_payloads(samples, source, counter))
+    payloads = []
+    for payload in decode_payloads(samples, source, counter):
+        payloads.append(payload)
+        if progress is not None:
+            progress(1)
     return payloads, counter
 
 
@@ -58,10 +65,19 @@ def default_seq_len(model, info: dict) -> int:
 
 
 @torch.no_grad()
-def score(model, streams: list[tuple[np.ndarray, int]], seq_len: int, stride: int, batch_size: int, device) -> dict:
+def score(
+    model,
+    streams: list[tuple[np.ndarray, int]],
+    seq_len: int,
+    stride: int,
+    batch_size: int,
+    device,
+    progress: Callable[[int], None] | None = None,
+) -> dict:
     """Sum of bits and count of payload targets per modality, plus per-sample bits.
 
-    streams: [(ids int array, tag)] — one per sample.
+    streams: [(ids int array, tag)] — one per sample. ``progress(n)`` is called after each batch
+    with the number of payload bytes it scored.
     """
     meter = BPBMeter()
     rows: list[tuple[np.ndarray, np.ndarray, int, int]] = []  # (window, scored mask, tag, sample index)
@@ -78,6 +94,8 @@ def score(model, streams: list[tuple[np.ndarray, int]], seq_len: int, stride: in
         bits = meter.update(nll, ids, modality, scored=scored).tolist()  # payload targets in `scored` only
         for r, b in zip(chunk, bits):
             per_sample_bits[r[3]] += b
+        if progress is not None:
+            progress(int(sum(((r[0] < NUM_BYTES) & r[1]).sum() for r in chunk)))
     return {"meter": meter, "per_sample_bits": per_sample_bits, "windows": len(rows)}
 
 
@@ -93,9 +111,13 @@ def evaluate(
     device: str | None = None,
     max_samples: int | None = None,
     adapter_settings: dict[str, dict] | None = None,
+    progress: bool | None = None,
 ) -> dict:
     """Score the val samples of each ``modality=DIR`` source, or the shards a ``modality=PATTERN``
     names (whatever their names); write the report files.
+
+    ``progress``: show bars on stderr per source (reading, scoring, codecs); None shows them when
+    stderr is a terminal.
 
     ``adapter_settings`` (``{source name: {setting: value}}``, as ``data.adapter_settings``)
     override the settings a source is read with, and crop/resize or resample its members. A
@@ -130,11 +152,13 @@ def evaluate(
         "skipped": {"total": 0, **dict.fromkeys(SKIP_REASONS, 0)},
     }
     excerpt = None  # a text excerpt for BLT's patch plot
+    bars = _bars(progress)
     for source in sources:
         adapter = source.adapter()
         settings = adapter.settings_dict()
         _check_settings(source, settings, trained.get(source.modality))
-        payloads, counter = read_val(source)
+        with bars(f"{source.name}: reading", source.val_total, "samples") as advance:
+            payloads, counter = read_val(source, advance)
         lost = counter.by_reason()
         if not payloads:
             raise ValueError(
@@ -150,7 +174,8 @@ def evaluate(
         tag = TAGS[source.modality]
         streams = [(sample_stream(p, tag), tag) for p in payloads]
         t0 = time.perf_counter()
-        result = score(model, streams, seq_len, stride, batch_size, device)
+        with bars(f"{source.name}: scoring", sum(len(p) for p in payloads), "bytes") as advance:
+            result = score(model, streams, seq_len, stride, batch_size, device, advance)
         seconds = time.perf_counter() - t0
         bits = float(result["meter"].bits.sum())
         count = int(result["meter"].count.sum())
@@ -169,9 +194,10 @@ def evaluate(
         if source.modality == "audio":
             entry["bits_per_sample"] = entry["bpb"] * adapter.bytes_per_sample
         if codecs:
-            from .codecs import codec_bpb
+            from .codecs import available_codecs, codec_bpb
 
-            entry["codecs"] = codec_bpb(source.modality, payloads, settings)
+            with bars(f"{source.name}: codecs", len(available_codecs()[source.modality]), "codecs") as advance:
+                entry["codecs"] = codec_bpb(source.modality, payloads, settings, lambda name: advance(1))
         report["modalities"][source.name] = entry
         skipped = f"; {counter.skipped} skipped ({skip_summary(lost)})" if counter.skipped else ""
         print(
@@ -184,6 +210,30 @@ def evaluate(
         plot_patches(model, excerpt, out / "patches.png", device)
     print(f"eval: report written to {out}/report.md; {_skipped_line(report['skipped'])}")
     return report
+
+
+def _bars(show: bool | None):
+    """``bars(description, total, unit)``: a context giving ``advance(n)`` for one rich progress
+    bar on stderr, which stays on screen once done; a no-op unless ``show`` (None: stderr is a
+    terminal). ``total`` None: unknown."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    if not (console.is_terminal if show is None else show):
+        return lambda *_: contextlib.nullcontext(lambda n: None)
+
+    @contextlib.contextmanager
+    def bar(description: str, total: int | None, unit: str):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        columns = (TextColumn(description), BarColumn(), MofNCompleteColumn(), TextColumn(unit), TimeRemainingColumn())
+        with Progress(*columns, console=console) as progress:
+            task = progress.add_task(description, total=total)
+            yield lambda n: progress.advance(task, n)
+            if total is None:  # an unknown total ends full
+                progress.update(task, total=progress.tasks[0].completed)
+
+    return bar
 
 
 def _skipped_line(skipped: dict) -> str:
@@ -324,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-samples", type=int, default=None, help="score only the first N val samples per source")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (shown by default on a terminal)")
     p.add_argument(
         "--adapter-settings",
         default=None,
@@ -345,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
             max_samples=args.max_samples,
             adapter_settings=args.adapter_settings,
+            progress=False if args.quiet else None,
         )
     except (ValueError, FileNotFoundError) as e:
         print(f"polybyte eval: error: {e}", file=sys.stderr)

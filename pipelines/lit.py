@@ -26,6 +26,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from . import console
 from .card import training_facts, validation_record
 from .checkpoints import TMP, check_ckpt_file, commit, prepare, refuse_other_run, sibling
 from .data import ByteDataModule
@@ -188,7 +189,9 @@ class PolybyteCLI(LightningCLI):
                 TensorBoardLogger(root, name="tb"),
                 CSVLogger(root, name="csv", flush_logs_every_n_steps=every),
             ]
+        given = _as_list(config.get("callbacks")) + _as_list(kwargs.get("callbacks"))
         trainer = super().instantiate_trainer(**kwargs)
+        console.install(trainer, given)  # step progress bar, summary with FLOPs (console.py)
         for callback in trainer.checkpoint_callbacks:
             if isinstance(callback, ExportCheckpoint):
                 callback._default_dirpath(trainer)
@@ -251,6 +254,10 @@ class PolybyteCLI(LightningCLI):
                 refuse_other_run(folder, path, why)
 
 
+def _as_list(value) -> list:
+    return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
+
+
 def cli_value(args: list[str], key: str) -> str | None:
     """The value given for ``key`` on the command line (``--key V`` or ``--key=V``), else None."""
     for i, arg in enumerate(args):
@@ -276,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     for key, value in MULTICAST_OFF.items():
         os.environ.setdefault(key, value)
+    console.quiet_lightning()  # Lightning's tips and a known deprecation warning (console.py)
     torch.set_float32_matmul_precision("high")
     args = with_shipped_configs(sys.argv[1:] if argv is None else list(argv))  # `--config debug.yaml` anywhere
     if argv is None:

@@ -42,7 +42,7 @@ from polybyte.modalities import TAGS, get_modality, modality_from_dict
 from polybyte.models.generate import generate
 
 # compile_decoding: also imported from here by tests of models/ (test_generate, test_blt_decoding)
-from .runtime import compile_decoding, default_device, prepare_for_sampling  # noqa: F401
+from .runtime import compile_decoding, default_device, draw_samples, prepare_for_sampling, sample_bytes  # noqa: F401
 
 TEXT_MAX_BYTES = 512  # default text continuation length
 GRID_CELL = 64  # grid.png shows images smaller than this many pixels enlarged (nearest) to about it
@@ -134,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = prepare_for_sampling(model, device, dtype, args.compile)
-    job.save(sample_payloads(model, adapter.tag, prompt, new_bytes, args, device, dtype), out, prompt)
+    job.save(sample_payloads(model, adapter, prompt, new_bytes, args, device, dtype), out, prompt)
     return 0
 
 
@@ -192,21 +192,22 @@ def plan(model, info: dict, adapter, args, given: Prompt | None) -> tuple[_Job, 
 
 
 def sample_payloads(
-    model, tag: int, prompt: bytes, new_bytes: int, args, device, dtype, quiet: bool = False
+    model, adapter, prompt: bytes, new_bytes: int, args, device, dtype, quiet: bool = False
 ) -> list[bytes]:
-    """args.num samples, each ``prompt`` + its continuation, from a model ready for sampling
-    (`prepare_for_sampling`); unless ``quiet``, with a progress bar and the bytes/s printed."""
+    """args.num samples of the adapter's modality, each ``prompt`` + its continuation, from a
+    model ready for sampling (`prepare_for_sampling`); unless ``quiet``, with a progress bar and
+    the bytes/s printed."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     batch = args.batch_size or args.num
     if model.compilable_steps and args.compile and device.type == "cuda":
         start = time.perf_counter()  # compile for each batch size used, outside the timing
         for n in {min(batch, args.num), args.num % batch} - {0}:
-            generate(model, tag, None, 3 * model.seq_multiple, num=n, stop_at_eos=False)
+            generate(model, adapter.tag, None, 3 * model.seq_multiple, num=n, stop_at_eos=False)
         torch.cuda.synchronize(device)
         if not quiet:
             print(f"compiled the decoding steps in {time.perf_counter() - start:.1f} s")
-    samples: list[list[int]] = []
+    samples: list[bytes] = []
     columns = (TextColumn("sampling"), BarColumn(), MofNCompleteColumn(), TextColumn("bytes"), TimeRemainingColumn())
     start = time.perf_counter()
     with Progress(*columns, transient=False, disable=quiet) as bar:
@@ -215,16 +216,16 @@ def sample_payloads(
             n = min(batch, args.num - first)
             seed = None if args.seed is None else args.seed + first
             try:
-                samples += generate(
+                samples += draw_samples(
                     model,
-                    tag,
-                    [prompt] * n,
+                    adapter,
+                    n,
                     new_bytes,
+                    prompt=prompt,
+                    seed=seed,
                     temperature=args.temperature,
                     top_k=args.top_k,
                     top_p=args.top_p,
-                    seed=seed,
-                    stop_at_eos=tag == TAGS["text"],
                     progress=lambda k: bar.advance(task, k),
                 )
             except ValueError as e:  # e.g. a window longer than the model's positions
@@ -232,13 +233,13 @@ def sample_payloads(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    produced = sum(len(s) for s in samples)
+    produced = sum(len(s) - len(prompt) for s in samples)
     if not quiet:
         print(
             f"sampled {produced} bytes in {seconds:.2f} s: {produced / max(seconds, 1e-9):,.0f} bytes/s "
             f"({args.num} samples, batch {batch}, {device.type}, {dtype})"
         )
-    return [bytes(prompt) + bytes(s) for s in samples]
+    return samples
 
 
 # --- per-modality prompts and outputs ---------------------------------------------------------
@@ -290,7 +291,7 @@ class _ImageJob(_Job):
         return self.original[: rows * row_bytes]
 
     def max_new(self, prompt_len: int) -> int:
-        full = self.adapter.payload_bytes
+        full = sample_bytes(self.adapter, None)
         total = _explicit_max(self.args, full)
         if total > full:
             raise UsageError(f"--max-bytes {total} exceeds one {self.adapter.settings.size}px image ({full} bytes)")
@@ -325,15 +326,7 @@ class _ImageJob(_Job):
 class _AudioJob(_Job):
     def total(self) -> int:
         """Bytes per sample, prompt included: --max-bytes, else one clip, else the window."""
-        s, bps = self.adapter.settings, self.adapter.bytes_per_sample
-        if s.clip_seconds is not None:
-            default = round(s.clip_seconds * s.sample_rate) * bps
-            if self.seq_len is not None:
-                default = min(default, (self.seq_len - 1) // bps * bps)
-        elif self.seq_len is not None:
-            default = (self.seq_len - 1) // bps * bps
-        else:
-            default = None
+        default = sample_bytes(self.adapter, self.seq_len)
         if self.args.max_bytes is None and default is None:
             raise UsageError("the checkpoint records neither a clip length nor seq_len: pass --max-bytes")
         return _explicit_max(self.args, default)

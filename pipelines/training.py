@@ -16,6 +16,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.throughput import Throughput
 from lightning.pytorch.plugins.precision import MixedPrecision
 
 from polybyte.modalities import TAG_NAMES, TAGS
@@ -27,6 +28,7 @@ from .compiling import CompileScope, compile_for_training, compile_scope
 from .export import load_exported
 from .runtime import device_peak_flops
 from .sources import SKIP_REASONS, skip_summary
+from .val_samples import ValSamples
 
 
 def no_decay(name: str, param: torch.nn.Parameter, module_types: dict[str, type]) -> bool:
@@ -98,6 +100,9 @@ class ByteLMModule(L.LightningModule):
             (``{text: 4, image: 8}``). At fit start each named modality without a threshold yet
             gets its own, calibrated on its first training windows (``BLT.calibrate_thresholds``);
             they are kept in the checkpoint and the export's config, so sampling patches alike.
+        val_samples: images and audio clips sampled per image or audio source at each validation
+            of a fit and logged to TensorBoard (only with a TensorBoard logger; val_samples.py);
+            0 turns them off.
     """
 
     def __init__(
@@ -113,6 +118,7 @@ class ByteLMModule(L.LightningModule):
         entropy_model: str | None = None,
         max_nonfinite_steps: int = 5,
         patch_targets: dict[str, float] | None = None,
+        val_samples: int = 2,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -123,15 +129,16 @@ class ByteLMModule(L.LightningModule):
             self._load_entropy_model(entropy_model)
         self.bpb_meter = BPBMeter()  # validation: bits and bytes per modality over the val set
         self.train_meter = BPBMeter()  # training: since the last logging step
-        # throughput since the last logging step (see _log_throughput)
-        self._t_last: float | None = None
-        self._t_start: float | None = None  # this start's first step (on_train_start)
+        # throughput (see _log_throughput): Lightning's Throughput over the last two logging steps,
+        # fed the counts since the fit started (steps, windows, bytes) and their FLOPs
+        self._throughput: Throughput | None = None
+        self._t0 = 0.0
+        self._seen = (0, 0, 0)  # steps, windows, bytes
         # cumulative over the run, resumes included (kept in the checkpoint): perf/train_seconds, _flops
-        self._train_seconds, self._train_flops = 0.0, 0.0
+        self._seconds_base, self._train_flops = 0.0, 0.0
         self._bytes, self._patches, self._patch_bytes = 0, 0, 0
         self._loss_sum, self._loss_steps = 0, 0  # train/loss: device sum over the interval
         self._fused = False  # fused AdamW (see configure_optimizers)
-        self._peak_flops: float | None = None
         self._compiled = None
         self._last_loss: torch.Tensor | None = None  # this step's loss, checked before the update
         self._grad_norm: torch.Tensor | None = None  # this step's gradient norm, reused by clipping
@@ -139,6 +146,10 @@ class ByteLMModule(L.LightningModule):
         # the count restored from a checkpoint (see nonfinite_steps)
         self._bad_total, self._bad_run = 0, 0
         self._nonfinite_base = 0
+        # the LR schedule's length and warm-up: this fit's (configure_optimizers) and the
+        # checkpoint's it resumes from (on_load_checkpoint), compared at the start of training
+        self._schedule: dict[str, int] | None = None
+        self._saved_schedule: dict[str, int | None] | None = None
 
     # --- helpers ------------------------------------------------------------------------------
     def _load_entropy_model(self, path: str) -> None:
@@ -203,7 +214,7 @@ class ByteLMModule(L.LightningModule):
             self.log("train/loss", float(self._loss_sum) / self._loss_steps, prog_bar=True)
             self._loss_sum, self._loss_steps = 0, 0
         self._log_train_bpb(nll.detach(), ids, modality)
-        self._log_throughput(B * T)
+        self._log_throughput(B, T)
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         self._log_skips("train", "data/skipped")
         return loss
@@ -225,40 +236,56 @@ class ByteLMModule(L.LightningModule):
     def _is_log_step(self) -> bool:
         return (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0 or self.trainer.should_stop
 
-    def _log_throughput(self, grid_bytes: int) -> None:
-        """bytes/s, MFU and (BLT) patches/s and mean patch length over the steps since the last
-        logging step: counts accumulate on the device, read back (one sync) only when logged."""
+    def _log_throughput(self, windows: int, seq_len: int) -> None:
+        """bytes/s, MFU and (BLT) patches/s and mean patch length over the steps between the last
+        two logging steps (none at the first logging step after a validation): counts accumulate
+        on the device, read back (one sync) only when logged. The rates come from Lightning's
+        `Throughput`; its `ThroughputMonitor` callback does not fit, as it synchronizes the GPU
+        after every batch and reads the FLOPs (for BLT a device count) at every step."""
         aux = self.model.aux
-        self._bytes += grid_bytes
+        steps, seen, grid = self._seen
+        self._seen = (steps + 1, seen + windows, grid + windows * seq_len)  # since the fit started
+        self._bytes += windows * seq_len  # since the last logging step
         if "num_patches" in aux:
             self._patches = self._patches + aux["num_patches"].detach()
             self._patch_bytes = self._patch_bytes + aux["num_bytes"].detach()
-        if not self._is_log_step():
+        if not self._is_log_step() or self._throughput is None:
             return
-        now, world = time.perf_counter(), self.trainer.world_size
         mean_patch = None
         if "num_patches" in aux:
-            mean_patch = float(self._patch_bytes) / max(float(self._patches), 1.0)
+            patches = float(self._patches)
+            mean_patch = float(self._patch_bytes) / max(patches, 1.0)
+        tp, interval = self._throughput, self._bytes
         flops_per_byte = self.model.flops_per_byte(mean_patch_len=mean_patch)
+        flops = flops_per_byte * interval if tp.available_flops else None
+        steps, seen, grid = self._seen
+        elapsed = time.perf_counter() - self._t0
+        tp.update(time=elapsed, batches=steps, samples=seen, lengths=grid, flops=flops)
+        rates = tp.compute()
         # learning curves (`polybyte plot`): the fit's wall time and training FLOPs so far
-        self._train_seconds += now - (self._t_last or self._t_start or now)
-        self._train_flops += flops_per_byte * self._bytes * world
-        self.log("perf/train_seconds", self._train_seconds)
+        self._train_flops += flops_per_byte * interval * self.trainer.world_size
+        self.log("perf/train_seconds", self._seconds_base + elapsed)
         self.log("perf/train_flops", self._train_flops)
-        if self._t_last is not None:
-            dt = now - self._t_last
-            bytes_per_s = self._bytes * world / dt
+        if "device/items_per_sec" in rates:
+            bytes_per_s = rates["device/items_per_sec"] * self.trainer.world_size
             self.log("perf/bytes_per_s", bytes_per_s, prog_bar=True)
             if mean_patch is not None:
-                self.log("perf/patches_per_s", float(self._patches) * world / dt)
+                self.log("perf/patches_per_s", bytes_per_s * patches / interval)
                 self.log("perf/mean_patch_len", mean_patch)
-            if self._peak_flops:
-                self.log("perf/mfu", flops_per_byte * bytes_per_s / (self._peak_flops * world), prog_bar=True)
-        self._t_last, self._bytes, self._patches, self._patch_bytes = now, 0, 0, 0
+            if "device/mfu" in rates:
+                self.log("perf/mfu", rates["device/mfu"], prog_bar=True)
+        self._bytes, self._patches, self._patch_bytes = 0, 0, 0
 
     def on_train_start(self) -> None:
-        self._peak_flops = device_peak_flops(self.device)
-        self._t_start = time.perf_counter()
+        peak = device_peak_flops(self.device, compute_dtype(self.trainer.precision))
+        self._throughput = Throughput(available_flops=peak, world_size=self.trainer.world_size, window_size=2)
+        self._t0 = time.perf_counter()
+        notice = schedule_notice(self._saved_schedule, self._schedule, self.global_step, self.hparams)
+        if notice and self.trainer.is_global_zero:
+            print(f"polybyte fit: note: {notice}", file=sys.stderr)
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        return [ValSamples(self.hparams.val_samples)] if self.hparams.val_samples > 0 else []
 
     def _log_skips(self, split: str, key: str) -> dict[str, int] | None:
         """Log ``key`` (samples the ``split`` stream lost so far) and ``key_<reason>`` per reason
@@ -313,7 +340,8 @@ class ByteLMModule(L.LightningModule):
     # --- validation ---------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
         self.bpb_meter = BPBMeter()
-        self._t_last = None  # time spent validating is not training throughput
+        if self._throughput is not None:
+            self._throughput.reset()  # time spent validating is not training throughput
 
     def validation_step(self, batch, batch_idx):
         ids, modality, loss, nll = self._step(batch)
@@ -390,18 +418,26 @@ class ByteLMModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["nonfinite_steps"] = self.nonfinite_steps
-        checkpoint["train_seconds"], checkpoint["train_flops"] = self._train_seconds, self._train_flops
+        checkpoint["train_seconds"] = self._seconds_base + (time.perf_counter() - self._t0 if self._throughput else 0.0)
+        checkpoint["train_flops"] = self._train_flops
         patcher = getattr(self.model.config, "patcher", None)
         if patcher is not None and patcher.thresholds:
             checkpoint["patch_thresholds"] = dict(patcher.thresholds)
+        if self._schedule is not None:
+            checkpoint["lr_schedule"] = dict(self._schedule)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._nonfinite_base = checkpoint.get("nonfinite_steps", 0)
         self._bad_total, self._bad_run = 0, 0
-        self._train_seconds = checkpoint.get("train_seconds", 0.0)
+        self._seconds_base = checkpoint.get("train_seconds", 0.0)
         self._train_flops = checkpoint.get("train_flops", 0.0)
         if "patch_thresholds" in checkpoint:  # calibrated once, at the run's first start
             self.model.config.patcher.thresholds = dict(checkpoint["patch_thresholds"])
+        # older checkpoints hold no resolved schedule: their hyperparameters give the warm-up,
+        # and the length when model.max_steps set it
+        hp = checkpoint.get("hyper_parameters") or {}
+        old = {"max_steps": hp.get("max_steps") if (hp.get("max_steps") or -1) > 0 else None}
+        self._saved_schedule = checkpoint.get("lr_schedule") or {**old, "warmup_steps": hp.get("warmup_steps")}
 
     def on_fit_start(self) -> None:
         self._calibrate_patching()
@@ -443,14 +479,8 @@ class ByteLMModule(L.LightningModule):
         opt = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), **kernel)
         total = hp.max_steps if hp.max_steps > 0 else max(int(self.trainer.max_steps), 1)
         warm = max(int(hp.warmup_steps), 0)
-
-        def schedule(step: int) -> float:
-            if step < warm:
-                return (step + 1) / warm
-            progress = min(1.0, (step - warm) / max(1, total - warm))
-            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        self._schedule = {"max_steps": total, "warmup_steps": warm}
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, total, warm, hp.min_lr_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
@@ -463,6 +493,43 @@ class ByteLMModule(L.LightningModule):
             torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, self._grad_norm, foreach=True)
         else:
             torch.nn.utils.clip_grad_norm_(params, gradient_clip_val, foreach=True)
+
+
+def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """The LR as a fraction of the peak after ``step`` steps: linear warm-up over ``warmup``
+    steps, then a cosine from 1 down to ``min_ratio`` at step ``total``, held there after it."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def schedule_notice(saved: dict | None, now: dict | None, step: int, hp) -> str | None:
+    """One line when a fit resumed at ``step`` has another LR schedule (``{"max_steps",
+    "warmup_steps"}``) than its checkpoint (``saved``; None values unknown), else None. The
+    scheduler keeps only its step count, so the new values take over at the next update: step
+    ``step`` runs at the LR the checkpoint holds, step ``step + 1`` on the new schedule."""
+    if not saved or not now:
+        return None
+    changed = [k for k in ("max_steps", "warmup_steps") if saved.get(k) is not None and saved[k] != now[k]]
+    if not changed:
+        return None
+    old = {k: now[k] if saved.get(k) is None else saved[k] for k in now}
+    was = hp.lr * lr_factor(step + 1, old["max_steps"], old["warmup_steps"], hp.min_lr_ratio)
+    new = hp.lr * lr_factor(step + 1, now["max_steps"], now["warmup_steps"], hp.min_lr_ratio)
+    diff = ", ".join(f"{k} {saved[k]} -> {now[k]}" for k in changed)
+    return (
+        f"resuming at step {step} with another LR schedule than the checkpoint's ({diff}): it is "
+        f"recomputed for the new values, not continued: from step {step + 1} the LR is {new:.3g} (on the "
+        f"checkpoint's schedule: {was:.3g}), warm-up {now['warmup_steps']} steps, cosine down to "
+        f"{hp.lr * hp.min_lr_ratio:.3g} at step {now['max_steps']}"
+    )
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    """The matmul dtype of a Trainer ``precision`` ("bf16-mixed", "16-mixed", "32-true", ...)."""
+    p = str(precision)
+    return torch.bfloat16 if p.startswith("bf16") else torch.float16 if p.startswith("16") else torch.float32
 
 
 class NonFiniteLossError(ValueError):

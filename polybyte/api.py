@@ -144,7 +144,7 @@ class Model:
             given = None if prompt is None else self._prompt(adapter, prompt)
             job, head, new_bytes = plan(self.net, self.info, adapter, options, given)
             net, dtype = self._sampler()
-            payloads = sample_payloads(net, adapter.tag, head, new_bytes, options, self.device, dtype, quiet=True)
+            payloads = sample_payloads(net, adapter, head, new_bytes, options, self.device, dtype, quiet=True)
         samples = payloads if raw else [adapter.decode(p) for p in payloads]
         return samples[0] if num is None else samples
 

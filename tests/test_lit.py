@@ -61,7 +61,8 @@ def head_shards(shards: dict[str, Path], out: Path, counts: dict[str, int]) -> d
 
 def write_config(path: Path, run: Path, *, steps: int, val_every: int, ckpt_every: int, **data) -> Path:
     """configs/debug.yaml with every output under ``run`` (its default_root_dir) and a shorter,
-    quieter schedule; metrics.csv is flushed at every step (log_every_n_steps 1)."""
+    quieter schedule; metrics.csv is flushed at every step (log_every_n_steps 1). No samples are
+    drawn for TensorBoard at validation (tests/test_console.py checks them)."""
     cfg = yaml.safe_load(DEBUG_YAML.read_text())
     trainer = cfg["trainer"]
     trainer.update(
@@ -75,6 +76,7 @@ def write_config(path: Path, run: Path, *, steps: int, val_every: int, ckpt_ever
     )
     cfg["checkpoint"].update(every_n_train_steps=ckpt_every)  # logs and checkpoints follow default_root_dir
     cfg["data"].update(num_workers=1, **data)
+    cfg["model"]["val_samples"] = 0
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
 
