@@ -82,6 +82,18 @@ def stepped(model: BLT, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(logits, 1), starts.bool()
 
 
+def assert_stepped_equals_full(model: BLT, ids: torch.Tensor) -> torch.Tensor:
+    """Stepping a fresh state through ``ids`` gives the full forward's patch starts and logits;
+    returns those starts [B, T]."""
+    with torch.no_grad():
+        full = model(ids, MOD)
+        want = patching.patch_ids_to_starts(model.patch(ids, MOD)[1])
+    logits, starts = stepped(model, ids)
+    assert torch.equal(starts, want)
+    assert (logits - full).abs().max() < 1e-4
+    return want
+
+
 PATCHERS = [
     dict(kind="strided", patch_size=3),
     dict(kind="strided", patch_size=3, max_patch_len=6),
@@ -110,12 +122,7 @@ def test_stepped_starts_and_logits_equal_the_full_forward(patcher):
     ids = stream()
     if model.config.patcher.needs_entropies:
         set_threshold(model, ids)
-    with torch.no_grad():
-        full = model(ids, MOD)
-        want = patching.patch_ids_to_starts(model.patch(ids, MOD)[1])
-    logits, starts = stepped(model, ids)
-    assert torch.equal(starts, want)
-    assert (logits - full).abs().max() < 1e-4
+    want = assert_stepped_equals_full(model, ids)
     lengths = patching.starts_to_lengths(want)
     mpl = patcher.get("max_patch_len")
     if mpl:  # no patch outgrows the ring of encoder states, and some fill it exactly
@@ -377,11 +384,6 @@ def test_stepped_starts_follow_per_tag_thresholds():
         i = lo + int(gaps.argmax())
         per_tag[int(MOD[row])] = float(s[i] + s[i + 1]) / 2
     model.config.patcher = dataclasses.replace(model.config.patcher, thresholds=per_tag)
-    with torch.no_grad():
-        full = model(ids, MOD)
-        want = patching.patch_ids_to_starts(model.patch(ids, MOD)[1])
-    logits, starts = stepped(model, ids)
-    assert torch.equal(starts, want)
-    assert (logits - full).abs().max() < 1e-4
+    want = assert_stepped_equals_full(model, ids)
     one = dataclasses.replace(model.config.patcher, threshold=per_tag[TEXT], thresholds=None)
     assert not torch.equal(want, patching.patch_ids_to_starts(patching.patch(ids, one, e)[1]))

@@ -87,8 +87,8 @@ def _config(path: Path, run: Path, data: dict) -> Path:
             "enable_progress_bar": False,
             "enable_model_summary": False,
             "default_root_dir": str(run),
-            "callbacks": [{"class_path": "polybyte.pipelines.lit.ExportCheckpoint", "init_args": {"save_last": True}}],
         },
+        "checkpoint": {"every_n_train_steps": None, "save_top_k": 1},  # `last` at the end
         "model": {
             "model": {"backbone": "transformer", "dim": 16, "n_layers": 1, "n_heads": 2, "max_seq_len": CIFAR_SEQ},
             "warmup_steps": 1,
