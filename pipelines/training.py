@@ -9,7 +9,6 @@ the checkpoint callback are lit.py.
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from typing import Any
@@ -26,15 +25,10 @@ from polybyte.models.base import nll_loss
 from .bpb import BPBMeter
 from .compiling import CompileScope, compile_for_training, compile_scope
 from .export import load_exported
+from .optim import lr_factor, no_decay, schedule_notice
 from .runtime import device_peak_flops
 from .sources import SKIP_REASONS, skip_summary
 from .val_samples import ValSamples
-
-
-def no_decay(name: str, param: torch.nn.Parameter, module_types: dict[str, type]) -> bool:
-    """Norm weights, biases, embeddings, hash tables and pad/start parameters get no weight decay."""
-    owner = module_types.get(name.rsplit(".", 1)[0], type(None))
-    return param.ndim < 2 or issubclass(owner, (torch.nn.Embedding, torch.nn.RMSNorm, torch.nn.LayerNorm))
 
 
 def check_model_dict(model: Any) -> None:
@@ -493,37 +487,6 @@ class ByteLMModule(L.LightningModule):
             torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, self._grad_norm, foreach=True)
         else:
             torch.nn.utils.clip_grad_norm_(params, gradient_clip_val, foreach=True)
-
-
-def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
-    """The LR as a fraction of the peak after ``step`` steps: linear warm-up over ``warmup``
-    steps, then a cosine from 1 down to ``min_ratio`` at step ``total``, held there after it."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def schedule_notice(saved: dict | None, now: dict | None, step: int, hp) -> str | None:
-    """One line when a fit resumed at ``step`` has another LR schedule (``{"max_steps",
-    "warmup_steps"}``) than its checkpoint (``saved``; None values unknown), else None. The
-    scheduler keeps only its step count, so the new values take over at the next update: step
-    ``step`` runs at the LR the checkpoint holds, step ``step + 1`` on the new schedule."""
-    if not saved or not now:
-        return None
-    changed = [k for k in ("max_steps", "warmup_steps") if saved.get(k) is not None and saved[k] != now[k]]
-    if not changed:
-        return None
-    old = {k: now[k] if saved.get(k) is None else saved[k] for k in now}
-    was = hp.lr * lr_factor(step + 1, old["max_steps"], old["warmup_steps"], hp.min_lr_ratio)
-    new = hp.lr * lr_factor(step + 1, now["max_steps"], now["warmup_steps"], hp.min_lr_ratio)
-    diff = ", ".join(f"{k} {saved[k]} -> {now[k]}" for k in changed)
-    return (
-        f"resuming at step {step} with another LR schedule than the checkpoint's ({diff}): it is "
-        f"recomputed for the new values, not continued: from step {step + 1} the LR is {new:.3g} (on the "
-        f"checkpoint's schedule: {was:.3g}), warm-up {now['warmup_steps']} steps, cosine down to "
-        f"{hp.lr * hp.min_lr_ratio:.3g} at step {now['max_steps']}"
-    )
 
 
 def compute_dtype(precision: str) -> torch.dtype:

@@ -28,8 +28,9 @@ from torch.utils.data import DataLoader
 from polybyte.pipelines import console, runtime, training
 from polybyte.pipelines.evaluate import evaluate
 from polybyte.pipelines.evaluate import main as eval_main
+from polybyte.pipelines.optim import lr_factor, schedule_notice
 from polybyte.pipelines.runtime import shipped_config
-from polybyte.pipelines.training import ByteLMModule, lr_factor, schedule_notice
+from polybyte.pipelines.training import ByteLMModule
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 4
