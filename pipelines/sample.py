@@ -41,8 +41,7 @@ import torch
 from polybyte.modalities import TAGS, get_modality, modality_from_dict
 from polybyte.models.generate import generate
 
-# compile_decoding: also imported from here by tests of models/ (test_generate, test_blt_decoding)
-from .runtime import compile_decoding, default_device, draw_samples, prepare_for_sampling, sample_bytes  # noqa: F401
+from .runtime import default_device, draw_samples, prepare_for_sampling, sample_bytes
 
 TEXT_MAX_BYTES = 512  # default text continuation length
 GRID_CELL = 64  # grid.png shows images smaller than this many pixels enlarged (nearest) to about it

@@ -38,16 +38,7 @@ import webdataset as wds
 from polybyte.modalities import TAGS, SettingMismatchError, get_modality
 from polybyte.modalities.base import Modality
 
-from .reading import (  # noqa: F401  (re-exported: the loaders' and training's one import)
-    SKIP_REASONS,
-    SkipCounter,
-    TooManyBadSamples,
-    decode_payloads,
-    member,
-    read_shards,
-    shard_key,
-    skip_summary,
-)
+from .reading import member, shard_key
 
 MANIFEST = "manifest.json"  # written by `polybyte shard` (shards.py) into each shard folder
 # a shard file name that reads like a held-out split: never trained on by guess

@@ -26,8 +26,8 @@ from .bpb import BPBMeter
 from .compiling import CompileScope, compile_for_training, compile_scope
 from .export import load_exported
 from .optim import lr_factor, no_decay, schedule_notice
+from .reading import SKIP_REASONS, skip_summary
 from .runtime import device_peak_flops
-from .sources import SKIP_REASONS, skip_summary
 from .val_samples import ValSamples
 
 

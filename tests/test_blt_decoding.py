@@ -326,7 +326,7 @@ def test_decode_block_is_replayable(name):
 def test_compile_decoding_marks_only_the_growing_step_dynamic(monkeypatch):
     """compile_decoding compiles BLT's three steps with fullgraph, the latent one (whose shapes
     follow the growing caches) with dynamic shapes and the others static."""
-    from polybyte.pipelines import sample as sample_module
+    from polybyte.pipelines.runtime import compile_decoding
 
     calls = {}
 
@@ -336,7 +336,7 @@ def test_compile_decoding_marks_only_the_growing_step_dynamic(monkeypatch):
 
     monkeypatch.setattr(torch, "compile", fake_compile)
     model = tiny_blt(dict(kind="space", patch_size=3))
-    assert sample_module.compile_decoding(model) == ["decode_front", "decode_latent", "decode_back"]
+    assert compile_decoding(model) == ["decode_front", "decode_latent", "decode_back"]
     assert calls == {
         "decode_front": dict(dynamic=False, fullgraph=True),
         "decode_latent": dict(dynamic=True, fullgraph=True),

@@ -19,8 +19,8 @@ from shard_reading import iter_samples, shard_paths
 
 from polybyte.modalities import AUDIO, EOS, IMAGE, NUM_BYTES, PAD, TEXT, get_modality
 from polybyte.pipelines.data import ByteDataModule
+from polybyte.pipelines.reading import TooManyBadSamples
 from polybyte.pipelines.shards import write_shards
-from polybyte.pipelines.sources import TooManyBadSamples
 
 SEQ_LEN = 12296  # a 64x64 image (12,288 bytes) + EOS, rounded up to a multiple of 8
 

@@ -233,7 +233,7 @@ def test_cuda_graphs_equal_eager_decoding(name, compile, monkeypatch):
     as the eager per-byte path (fp32, greedy and seeded sampling). BLT's latent caches start at
     4 patches, so they grow and the graph is captured again several times."""
     import polybyte.models.blt_decoding as blt_module
-    from polybyte.pipelines.sample import compile_decoding
+    from polybyte.pipelines.runtime import compile_decoding
 
     monkeypatch.setattr(blt_module, "LATENT_MIN_CAPACITY", 4)
     model = GRAPH_MODELS[name]().cuda()

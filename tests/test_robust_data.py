@@ -30,8 +30,9 @@ from polybyte.models.transformer import Transformer, TransformerConfig
 from polybyte.pipelines import cli
 from polybyte.pipelines.data import ByteDataModule
 from polybyte.pipelines.export import save_exported
+from polybyte.pipelines.reading import SKIP_REASONS, TooManyBadSamples
 from polybyte.pipelines.shards import write_shards
-from polybyte.pipelines.sources import SKIP_REASONS, TooManyBadSamples, read_manifest
+from polybyte.pipelines.sources import read_manifest
 
 SIZE = 8  # 8x8 images: 192 payload bytes
 SEQ_LEN = 200
