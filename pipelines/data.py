@@ -69,6 +69,12 @@ def _batched(rows: Iterable, batch_size: int, partial: bool) -> Iterator[tuple[t
         yield collate(batch)
 
 
+def source_windows(source: Source, urls: Iterable[str], counter: SkipCounter, seq_len: int) -> Iterator[np.ndarray]:
+    """Training windows of ``source`` read from the shards ``urls``: members -> payloads -> windows."""
+    payloads = decode_payloads(read_shards(urls, counter, source.expected), source, counter)
+    return train_windows(payloads, source.modality, seq_len)
+
+
 class TrainStream(IterableDataset):
     """Endless training batches: per source resampled shards -> windows -> shuffle; sources
     mixed by weight; batched inside the worker."""
@@ -83,8 +89,7 @@ class TrainStream(IterableDataset):
         # seed: ResampledShards mixes in (rank, worker) itself
         shards = wds.ResampledShards(source.train, seed=wds.utils.make_seed(self.seed, i), deterministic=True)
         urls = wds.split_by_worker(wds.split_by_node(iter(shards)))  # thin endless per-rank streams
-        samples = read_shards((u["url"] for u in urls), self.counter, source.expected)
-        windows = train_windows(decode_payloads(samples, source, self.counter), source.modality, self.seq_len)
+        windows = source_windows(source, (u["url"] for u in urls), self.counter, self.seq_len)
         rng = random.Random(wds.utils.make_seed(self.seed, i, rank, worker))
         tag = TAGS[source.modality]
         for window in wds.shuffle(self.shuffle_buffer, min(100, self.shuffle_buffer), rng=rng)(windows):
@@ -360,8 +365,7 @@ class ByteDataModule(lightning.LightningDataModule):
         for source in self.sources:
             if source.modality in modalities:
                 counter = SkipCounter(1.0, 0)  # counted only while calibrating; training counts its own
-                payloads = decode_payloads(read_shards(source.train, counter, source.expected), source, counter)
-                windows = train_windows(payloads, source.modality, self.seq_len)
+                windows = source_windows(source, source.train, counter, self.seq_len)
                 rows += [(w, TAGS[source.modality]) for _, w in zip(range(per_source), windows)]
         return collate(rows)
 
