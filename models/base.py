@@ -60,6 +60,7 @@ class ByteLMConfig:
 
     vocab_size: int = tokens.VOCAB_SIZE  # byte values 0..255 + specials (PAD, EOS, tags, reserved)
     pad_id: int = tokens.PAD  # id that is only padding: never a target, never counted
+    dropout: float = 0.0  # residual dropout in every block while training (small corpora); 0 = none
 
 
 @dataclasses.dataclass

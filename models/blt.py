@@ -217,7 +217,7 @@ class BLT(BLTDecoding, ByteLM):
         self.embed = HashNgramEmbedding(c.vocab_size, E.dim, c.hash_ngrams)
         enc_rope = RoPE(E.dim // E.n_heads, c.rope_theta)
         self.enc_blocks = nn.ModuleList(
-            Block(E.dim, E.n_heads, None, enc_rope, E.mlp_hidden, c.norm_eps) for _ in range(E.n_layers)
+            Block(E.dim, E.n_heads, None, enc_rope, E.mlp_hidden, c.norm_eps, c.dropout) for _ in range(E.n_layers)
         )
         n_enc_cross = E.n_layers if c.cross_attn_all_layers else 1
         self.pool_proj = nn.Linear(E.dim, k * E.dim, bias=False)  # max-pooled patch -> k queries
@@ -225,7 +225,8 @@ class BLT(BLTDecoding, ByteLM):
         self.to_latent = nn.Linear(k * E.dim, G.dim, bias=False)
         lat_rope = RoPE(G.dim // G.n_heads, c.rope_theta)
         self.latent_blocks = nn.ModuleList(
-            Block(G.dim, G.n_heads, G.n_kv_heads, lat_rope, G.mlp_hidden, c.norm_eps) for _ in range(G.n_layers)
+            Block(G.dim, G.n_heads, G.n_kv_heads, lat_rope, G.mlp_hidden, c.norm_eps, c.dropout)
+            for _ in range(G.n_layers)
         )
         self.latent_norm = RMSNorm(G.dim, eps=c.norm_eps)
         self.to_decoder = nn.Linear(G.dim, k * Dd.dim, bias=False)  # latent state -> k slots
@@ -234,7 +235,7 @@ class BLT(BLTDecoding, ByteLM):
         n_dec_cross = Dd.n_layers if c.cross_attn_all_layers else 1
         self.dec_cross = nn.ModuleList(CrossAttention(Dd.dim, Dd.n_heads, c.norm_eps) for _ in range(n_dec_cross))
         self.dec_blocks = nn.ModuleList(
-            Block(Dd.dim, Dd.n_heads, None, dec_rope, Dd.mlp_hidden, c.norm_eps) for _ in range(Dd.n_layers)
+            Block(Dd.dim, Dd.n_heads, None, dec_rope, Dd.mlp_hidden, c.norm_eps, c.dropout) for _ in range(Dd.n_layers)
         )
         self.dec_norm = RMSNorm(Dd.dim, eps=c.norm_eps)
         self.head = nn.Linear(Dd.dim, c.vocab_size, bias=False)

@@ -206,7 +206,10 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm transformer block: x + drop(attn(norm(x))), then x + drop(mlp(norm(x))).
+
+    ``dropout`` is residual dropout (GPT-2's, on each branch's output), active in training mode
+    only; 0 leaves no module in the graph."""
 
     def __init__(
         self,
@@ -216,16 +219,18 @@ class Block(nn.Module):
         rope: RoPE | None = None,
         mlp_hidden: int | None = None,
         norm_eps: float = 1e-5,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, n_heads, n_kv_heads, rope=rope)
         self.mlp_norm = RMSNorm(dim, eps=norm_eps)
         self.mlp = SwiGLU(dim, mlp_hidden)
+        self.drop = nn.Dropout(dropout) if dropout else nn.Identity()
 
     def forward(self, x: torch.Tensor, **attn_kwargs) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), **attn_kwargs)
-        return x + self.mlp(self.mlp_norm(x))
+        x = x + self.drop(self.attn(self.attn_norm(x), **attn_kwargs))
+        return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 
 def init_normal(module: nn.Module, std: float) -> None:

@@ -133,7 +133,8 @@ class Megabyte(MegabyteDecoding, ByteLM):
         self.pad_patch = nn.Parameter(torch.empty(c.num_tags, Wg))  # trainable start patch per tag
         g_rope = RoPE(Wg // c.global_heads, c.rope_theta) if c.rope_theta else None
         self.global_blocks = nn.ModuleList(
-            Block(Wg, c.global_heads, rope=g_rope, norm_eps=c.norm_eps) for _ in range(c.global_layers)
+            Block(Wg, c.global_heads, rope=g_rope, norm_eps=c.norm_eps, dropout=c.dropout)
+            for _ in range(c.global_layers)
         )
         self.global_norm = RMSNorm(Wg, eps=c.norm_eps)
         self.proj = nn.Linear(Dg, Dl, bias=False)  # shared over the P byte slices
@@ -141,7 +142,7 @@ class Megabyte(MegabyteDecoding, ByteLM):
         self.pad_byte = nn.Parameter(torch.empty(Dl))  # local input at byte 0 of every patch
         l_rope = RoPE(Dl // c.local_heads, c.rope_theta) if c.rope_theta else None
         self.local_blocks = nn.ModuleList(
-            Block(Dl, c.local_heads, rope=l_rope, norm_eps=c.norm_eps) for _ in range(c.local_layers)
+            Block(Dl, c.local_heads, rope=l_rope, norm_eps=c.norm_eps, dropout=c.dropout) for _ in range(c.local_layers)
         )
         self.local_norm = RMSNorm(Dl, eps=c.norm_eps)
         self.head = nn.Linear(Dl, c.vocab_size, bias=False)

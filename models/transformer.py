@@ -91,7 +91,7 @@ class Transformer(ByteLM):
         self.embed = nn.Embedding(c.vocab_size, c.dim)
         rope = RoPE(c.dim // c.n_heads, c.rope_theta)  # shared: it only holds frequencies
         self.blocks = nn.ModuleList(
-            Block(c.dim, c.n_heads, c.n_kv_heads, rope, c.mlp_hidden, c.norm_eps) for _ in range(c.n_layers)
+            Block(c.dim, c.n_heads, c.n_kv_heads, rope, c.mlp_hidden, c.norm_eps, c.dropout) for _ in range(c.n_layers)
         )
         self.norm = RMSNorm(c.dim, eps=c.norm_eps)
         self.head = None if c.tie_embeddings else nn.Linear(c.dim, c.vocab_size, bias=False)

@@ -24,10 +24,12 @@ import bz2
 import gzip
 import io
 import lzma
+import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -85,9 +87,16 @@ def jxl_lossless(img: Image.Image, cjxl: str, workdir: Path) -> bytes:
     return dst.read_bytes()
 
 
-def _jxl_all(images: list[Image.Image]) -> list[bytes]:
-    with tempfile.TemporaryDirectory(prefix="polybyte-jxl-") as tmp:
-        return [jxl_lossless(im, shutil.which("cjxl"), Path(tmp)) for im in images]
+def _jxl_one(img: Image.Image) -> bytes:
+    with tempfile.TemporaryDirectory(prefix="polybyte-jxl-") as tmp:  # one per call: calls run in threads
+        return jxl_lossless(img, shutil.which("cjxl"), Path(tmp))
+
+
+def _each(fn: Callable, items: Iterable) -> list[bytes]:
+    """``[fn(x) for x in items]`` on one thread per core, in order. Threads, not processes:
+    zlib, bz2, lzma, Pillow's encoders, libsndfile and the cjxl subprocess release the GIL."""
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        return list(pool.map(fn, items))
 
 
 def flac(samples: np.ndarray, sample_rate: int, subtype: str = "PCM_16") -> bytes:
@@ -184,19 +193,19 @@ def codec_bpb(
     coders: dict[str, Callable[[], list[bytes]]] = {}
     if modality == "text":
         for name, fn in (("gzip -9", gzip9), ("bzip2 -9", bzip2_9), ("xz -9e", xz9e)):
-            coders[name] = lambda fn=fn: [fn(p) for p in payloads]
+            coders[name] = lambda fn=fn: _each(fn, payloads)
             coders[name + CONCAT] = lambda fn=fn: [fn(b"".join(payloads))]
     elif modality == "image":
         size, order = _setting(settings, "size", modality), settings.get("order", "raster")
         images = [payload_to_image(p, int(size), order) for p in payloads]
-        coders["PNG"] = lambda: [png(im) for im in images]
-        coders["WebP lossless"] = lambda: [webp_lossless(im) for im in images]
-        coders["JPEG XL lossless"] = lambda: _jxl_all(images)
+        coders["PNG"] = lambda: _each(png, images)
+        coders["WebP lossless"] = lambda: _each(webp_lossless, images)
+        coders["JPEG XL lossless"] = lambda: _each(_jxl_one, images)
     else:
         rate = int(_setting(settings, "sample_rate", modality))
         encoding = settings.get("encoding", "pcm16")
         waves = [payload_to_samples(p, encoding) for p in payloads]
-        coders["FLAC"] = lambda: [flac(w, rate, subtype) for w, subtype in waves]
+        coders["FLAC"] = lambda: _each(lambda wave: flac(wave[0], rate, wave[1]), waves)
 
     results: dict[str, dict] = {}
     for name, available, note in available_codecs()[modality]:

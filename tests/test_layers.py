@@ -70,3 +70,30 @@ def test_checkpoints_with_separate_projections_still_load(kv_dim):
         other.load_state_dict(old)
         kv = torch.randn(2, 7, kv_dim)
         assert torch.equal(other(x, kv, causal=False), attn(x, kv, causal=False))
+
+
+@pytest.mark.parametrize("backbone", ["transformer", "megabyte", "blt"])
+def test_dropout_acts_in_training_only_and_keeps_the_weights(backbone, shakespeare):
+    from conftest import tiny_blt_config
+
+    from polybyte.models import build_model, config_to_dict
+
+    spec = (
+        config_to_dict(tiny_blt_config())
+        if backbone == "blt"
+        else {"backbone": backbone, "preset": "tiny", **({"patch_size": 4} if backbone == "megabyte" else {})}
+    )
+    torch.manual_seed(0)
+    plain = build_model({**spec, "dropout": 0.0})
+    dropped = build_model({**spec, "dropout": 0.3})
+    assert plain.state_dict().keys() == dropped.state_dict().keys()  # no new weights: exports interchange
+    dropped.load_state_dict(plain.state_dict())
+    ids = torch.tensor([list(shakespeare[:64])])
+    modality = torch.tensor([258])
+    plain.eval(), dropped.eval()
+    torch.testing.assert_close(dropped(ids, modality), plain(ids, modality))
+    dropped.train()
+    first, second = dropped(ids, modality), dropped(ids, modality)
+    assert not torch.allclose(first, second)
+    with pytest.raises(ValueError, match="dropout probability"):
+        build_model({**spec, "dropout": 1.5})
