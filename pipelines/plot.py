@@ -70,8 +70,18 @@ def plot(runs: dict[str, dict[str, list]], codecs: dict[str, dict[str, float]], 
                 points = [(p[index] / scale, p[3]) for p in curves.get(modality, []) if p[index] is not None]
                 if points:
                     ax.plot(*zip(*points), marker="o", markersize=3, label=run)
-            for i, (codec, bpb) in enumerate(sorted(codecs.get(modality, {}).items(), key=lambda kv: kv[1])):
-                ax.axhline(bpb, color="0.5", linestyle=(0, (4, 2 + i)), linewidth=1, label=codec)
+            for codec, bpb in sorted(codecs.get(modality, {}).items(), key=lambda kv: kv[1]):
+                # named on the line itself: grey dashes in a legend cannot tell codecs apart
+                ax.axhline(bpb, color="0.5", linestyle="--", linewidth=1)
+                ax.annotate(
+                    f"{codec} {bpb:.2f}",
+                    (0.99, bpb),
+                    xycoords=("axes fraction", "data"),
+                    ha="right",
+                    va="bottom",
+                    fontsize=7,
+                    color="0.35",
+                )
             if col == 1:
                 ax.set_xscale("log")
             ax.set_xlabel(label)
