@@ -116,11 +116,13 @@ def test_config_parses_and_is_consistent(path, monkeypatch):
     assert not trainer.get("callbacks")  # the run's ExportCheckpoint is the `checkpoint:` group
     assert cfg["checkpoint"].get("dirpath") is None and cfg["checkpoint"]["save_last"] is True
     if cfg["model"].get("entropy_model"):  # BLT with entropy patching loads the entropy run's export
-        entropy = yaml.safe_load((REPO / "configs" / "entropy-model.yaml").read_text())
-        assert cfg["model"]["entropy_model"] == f"{entropy['trainer']['default_root_dir']}/checkpoints/last"
+        run = cfg["model"]["entropy_model"].removesuffix("/checkpoints/last")
+        assert run.startswith("runs/"), "entropy_model should name a shipped config's run export"
+        entropy = yaml.safe_load((REPO / "configs" / f"{run.removeprefix('runs/')}.yaml").read_text())
+        assert entropy["trainer"]["default_root_dir"] == run
         trained = {k: v for k, v in expand(entropy["model"]["model"]).items() if k not in ("backbone", "max_seq_len")}
         mine = {k: v for k, v in model["entropy_model"].items() if k != "max_seq_len"}
-        assert mine == trained, "model.model.entropy_model must match configs/entropy-model.yaml"
+        assert mine == trained, f"model.model.entropy_model must match the config of {run}"
 
 
 # --- instantiated, shrunk ---------------------------------------------------------------------
