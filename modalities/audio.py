@@ -208,6 +208,20 @@ class AudioModality(Modality):
             why = getattr(e, "error_string", None) or str(e)
             raise ValueError(f"cannot decode audio (WAV/FLAC/OGG expected): {why}") from None
 
+    def conversion(self, member_bytes: bytes) -> tuple[str, str] | None:
+        """``("44100 Hz stereo", "8000 Hz mono")`` for a recording at another rate or with more
+        than one channel."""
+        try:
+            with sf.SoundFile(io.BytesIO(member_bytes)) as f:
+                rate, channels = int(f.samplerate), f.channels
+        except (sf.SoundFileError, RuntimeError, EOFError) as e:
+            why = getattr(e, "error_string", None) or str(e)
+            raise ValueError(f"cannot decode audio (WAV/FLAC/OGG expected): {why}") from None
+        if (rate, channels) == (self.settings.sample_rate, 1):
+            return None
+        layout = {1: "mono", 2: "stereo"}.get(channels, f"{channels} channels")
+        return f"{rate} Hz {layout}", f"{self.settings.sample_rate} Hz mono"
+
     def load(self, member_bytes: bytes) -> np.ndarray:
         """Audio file bytes -> mono samples at ``sample_rate``.
 

@@ -128,6 +128,12 @@ class Modality(ABC):
         for a member that cannot be read or has no single value for one of them."""
         return {}
 
+    def conversion(self, member_bytes: bytes) -> tuple[str, str] | None:
+        """``(what the member is, what the adapter makes of it)``, e.g. ``("48x40 RGBA",
+        "32x32 RGB")``, when encoding it changes its size, channels or rate (read from its header);
+        None when it is already at the settings. ValueError for a member that cannot be read."""
+        return None
+
     def settings_dict(self) -> dict:
         return {"name": self.name, **dataclasses.asdict(self.settings)}
 

@@ -243,6 +243,15 @@ class ImageModality(Modality):
             )
         return {"size": width}
 
+    def conversion(self, member_bytes: bytes) -> tuple[str, str] | None:
+        """``("48x40 RGBA", "32x32 RGB")`` for an image that is not ``size x size`` RGB."""
+        with self._open(member_bytes) as im:
+            (width, height), mode = im.size, im.mode
+        size = self.settings.size
+        if (width, height, mode) == (size, size, "RGB"):
+            return None
+        return f"{width}x{height} {mode}", f"{size}x{size} RGB"
+
     def load(self, member_bytes: bytes) -> np.ndarray:
         """Image file bytes (PNG, JPEG, WebP, ...) -> ``[size, size, 3]`` uint8 pixels.
 

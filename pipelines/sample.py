@@ -18,8 +18,11 @@ compile time is reported apart from the sampling rate). Outputs in ``--out``:
 A prompt is encoded by the checkpoint's own adapter (same crop/resize/order, sample rate and
 encoding as in training): the top rows of an image (``--prompt-fraction``), the first seconds of
 a recording (``--prompt-seconds``, default ``--prompt-fraction`` of the clip), or a whole text
-file are kept and continued. Bad input (a prompt of another modality, a prompt too long for the
-model's window, a modality the model was not trained on) exits with status 2 and a message.
+file are kept and continued. A prompt converted on the way (an image of another size or mode, a
+recording at another rate or with several channels) gets one note line on stderr, e.g.
+``prompt cat.png: 48x40 RGBA -> 32x32 RGB (the model's settings)``. Bad input (a prompt of
+another modality, a prompt too long for the model's window, a modality the model was not trained
+on) exits with status 2 and a message.
 
 The Python API's `Model.generate` (polybyte/api.py) runs the same steps: `trained_adapter`, a
 `Prompt`, `plan` (every check above) and `sample_payloads`, with `sample_options`' defaults.
@@ -129,6 +132,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     adapter = trained_adapter(info, args.modality)
     given = None if args.prompt is None else Prompt(encode_prompt_file(adapter, args.prompt), name=str(args.prompt))
+    note = None if args.prompt is None else prompt_note(adapter, args.prompt)
+    if note:
+        print(note, file=sys.stderr)
     job, prompt, new_bytes = plan(model, info, adapter, args, given)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -169,6 +175,13 @@ def encode_prompt_file(adapter, path) -> bytes:
         return adapter.encode(path.read_bytes(), {"extension": suffix})
     except ValueError as e:
         raise UsageError(f"prompt {path}: {e}") from None
+
+
+def prompt_note(adapter, path) -> str | None:
+    """``prompt cat.png: 48x40 RGBA -> 32x32 RGB (the model's settings)`` when encoding the prompt
+    file (already checked by `encode_prompt_file`) converts it; None when it matches the model."""
+    change = adapter.conversion(Path(path).read_bytes())
+    return None if change is None else f"prompt {path}: {change[0]} -> {change[1]} (the model's settings)"
 
 
 def plan(model, info: dict, adapter, args, given: Prompt | None) -> tuple[_Job, bytes, int]:

@@ -182,6 +182,43 @@ def test_text_prompt_continued_and_printed(ckpt, tmp_path, capsys):
         assert f"text_{i:03d}" in printed
 
 
+def _prompt_file(kind: str, path):
+    """A prompt file for the 8 px / 8 kHz checkpoint: converted (another size, mode, rate or
+    channel count) or already at its settings."""
+    rng = np.random.default_rng(0)
+    if kind == "image-size":
+        return picture(path.with_suffix(".png"), w=20, h=12)
+    if kind in ("image-rgba", "image-match"):
+        mode = "RGBA" if kind == "image-rgba" else "RGB"
+        Image.fromarray(rng.integers(0, 256, (8, 8, len(mode)), dtype=np.uint8), mode).save(path.with_suffix(".png"))
+        return path.with_suffix(".png")
+    rate, channels = {"audio-stereo": (16000, 2), "audio-match": (8000, 1)}[kind]
+    wave = (0.3 * rng.standard_normal((rate // 10, channels))).astype(np.float32)
+    sf.write(path.with_suffix(".wav"), wave, rate, subtype="PCM_16")
+    return path.with_suffix(".wav")
+
+
+@pytest.mark.parametrize(
+    "kind, note",
+    [
+        ("image-size", "20x12 RGB -> 8x8 RGB"),
+        ("image-rgba", "8x8 RGBA -> 8x8 RGB"),
+        ("image-match", None),
+        ("audio-stereo", "16000 Hz stereo -> 8000 Hz mono"),
+        ("audio-match", None),
+    ],
+)
+def test_converted_prompt_gets_one_note_line(ckpt, tmp_path, capsys, kind, note):
+    """A prompt the checkpoint's adapter converts is named in one line on stderr, with what it
+    was and what it became; a prompt already at the model's settings gets none."""
+    src = _prompt_file(kind, tmp_path / "prompt")
+    modality = kind.split("-")[0]
+    args = ["--ckpt", str(ckpt), "--modality", modality, "--num", "1", "--out", str(tmp_path / "out")]
+    assert main([*args, "--prompt", str(src), "--prompt-fraction", "0.25", "--seed", "0"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err == ([] if note is None else [f"prompt {src}: {note} (the model's settings)"])
+
+
 def test_text_only_model(text_only_ckpt, tmp_path):
     out = tmp_path / "out"
     assert main(["--ckpt", str(text_only_ckpt), "--modality", "text", "--num", "1", "--out", str(out)]) == 0
