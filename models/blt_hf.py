@@ -57,12 +57,14 @@ Every difference found in its source, and how our BLT reproduces it (the option 
 
 Known differences left as they are:
 
-* With ``max_patch_length`` set, its last input position never starts a patch of its own (the
-  empty patch is dropped and the length cut is not applied after the last input), so its logits
-  at a forward's last position depend on how long the forward is; ours are causal at every
-  position. Without ``max_patch_length`` (the released models') the two agree everywhere.
-* Batches: it pads rows with fewer patches using a sentinel that miscounts their patch lengths;
-  ours patches each row on its own. The parity tests use one row per forward.
+* With ``max_patch_length`` set, the position after its last input never starts a patch (its
+  empty patch is dropped and no length cut falls there), so its logits at a forward's last
+  position depend on where the forward ends; ours are causal at every position, and equal to its
+  own at every position but that last one (``tests/test_blt_hf_parity.py`` checks both). Without
+  ``max_patch_length`` the two agree everywhere, last position included.
+* Batches: rows with fewer patches get sentinel patches after their real ones (empty or of
+  negative length), which the causal latent model and the decoder's masks keep away from every
+  real position: a batch gives each row's own logits, as ours does (checked in the tests).
 * Its ``generate`` with its KV cache fails (``DynamicCache(config=BltConfig)`` has no layer
   count in 5.17.0); without the cache it reruns the whole forward per byte.
 """

@@ -126,6 +126,40 @@ def test_same_patches_and_logits(pair, payloads, kind):
     assert torch.isneginf(got[:, others]).all()
 
 
+def test_batched_rows_as_one_at_a_time(pair, payloads):
+    hf, net, _ = pair
+    rows = [payloads["text"][:80], payloads["text"][80:160]]  # different patch counts
+    with torch.no_grad():
+        expected = hf(torch.cat([hf_stream(r[:-1]) for r in rows]), use_cache=False).logits
+        got = net(torch.tensor([list(r) for r in rows]), torch.tensor([TEXT, TEXT]))[:, :, list(OUTPUT_OF_HF_ROW)]
+    assert (got - expected).abs().max().item() <= TOL
+
+
+def test_max_patch_length_differs_only_at_the_last_position(tmp_path, payloads):
+    """The one difference left (models/blt_hf.py): with max_patch_length set, its last position
+    never starts a patch; every other position agrees."""
+    torch.manual_seed(0)
+    hf = transformers.BltForCausalLM(hf_config(VARIANTS["released-layout"], threshold=0.0)).eval()
+    with torch.no_grad():
+        entropies, _, _ = hf.model.patcher(hf_stream(payloads["text"]))
+    hf.config.patching_threshold = float(entropies[0, 1:].quantile(0.8))  # long patches, to cut
+    hf.config.max_patch_length = 3
+    hf.save_pretrained(tmp_path / "hf")
+    assert import_main(["blt", str(tmp_path / "hf"), "--out", str(tmp_path / "ours")]) == 0
+    net, _ = load_exported(tmp_path / "ours")
+    assert net.config.patcher.max_patch_len == 3
+    last = []
+    for n in range(100, 108):
+        payload = payloads["text"][:n]
+        with torch.no_grad():
+            expected = hf(hf_stream(payload[:-1]), use_cache=False).logits[0]
+            got = net(torch.tensor([list(payload)]), torch.tensor([TEXT]))[0][:, list(OUTPUT_OF_HF_ROW)]
+        diff = (got - expected).abs().max(-1).values
+        assert diff[:-1].max().item() <= TOL
+        last.append(diff[-1].item())
+    assert min(last) <= TOL < max(last)  # its last position: equal only where no cut falls after it
+
+
 def test_same_greedy_continuation(pair, payloads, one_thread):
     hf, net, _ = pair
     prompt = payloads["text"][:48]
