@@ -11,6 +11,8 @@ Every difference found in its source, and how our BLT reproduces it (the option 
   our stream's first input, where its tokenizer puts BOS), BOS's logit is the text tag's (258),
   BOE and BPE go to the reserved 261 and 262, and our four ids it cannot predict (PAD, 259, 260,
   263) get logit -inf (``unused_outputs``), so softmax, loss and entropies equal its own over 260.
+  Packed text's in-stream tag (258) is then read and predicted as its BOS, as documents start in
+  its own streams; sampling never draws it (only bytes and EOS), nor does the greedy test.
 * Hash n-gram ids (``HashNgramConfig.style = "transformers"``, ``transformers_hash_ids``): the
   n bytes ending at t, oldest first, summed as ``Σ_j id[t-n+1+j]·prime^j`` in wrapping int64
   arithmetic, then ``% table_size`` (torch's non-negative remainder); positions before the
