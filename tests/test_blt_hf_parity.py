@@ -216,3 +216,21 @@ def test_import_errors(tmp_path, pair, capsys):
     err = capsys.readouterr().err
     assert "tensor shapes do not match its config.json" in err and "hash_embed" in err and err.count("\n") == 1
     assert not (tmp_path / "o3").exists()
+
+
+def test_transformers_defaults_map_as_the_library_fills_them():
+    """``save_pretrained`` writes only what differs from the defaults: a config.json holding just
+    ``model_type`` must map like the library's full default config (BLT-1B's shapes), and every
+    tensor of that model must land in ours with its shape (meta tensors: no memory, no time)."""
+    from polybyte.models import build_model
+    from polybyte.pipelines.blt_import import blt_config, convert_state
+
+    with torch.device("meta"):
+        hf = transformers.BltForCausalLM(transformers.BltConfig())
+    state = hf.state_dict()
+    cfg = blt_config({"model_type": "blt"}, state)
+    assert cfg == blt_config(hf.config.to_dict(), state)
+    assert (cfg["encoder"]["dim"], cfg["latent"]["n_layers"], cfg["entropy_model"]["n_layers"]) == (1024, 25, 14)
+    with torch.device("meta"):
+        net = build_model(dict(cfg))
+    net.load_state_dict(convert_state(state, cfg), assign=True)  # strict: every key, every shape
