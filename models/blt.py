@@ -37,7 +37,7 @@ from .entropy import compute_entropies
 from .flops import TRAIN_FACTOR, attention_flops, attention_pairs, linear_flops
 from .hash_ngrams import HashNgramConfig, HashNgramEmbedding
 from .kv_cache import LayerCache
-from .layers import Attention, Block, RMSNorm, RoPE, init_residual_projections
+from .layers import Block, CrossAttention, RMSNorm, RoPE, init_residual_projections, mask_outputs
 from .masks import AttentionMask, prepare_mask, sliding_window_mask
 from .patching import PatcherConfig
 from .transformer import PRESETS as TRANSFORMER_PRESETS
@@ -95,6 +95,13 @@ class BLTConfig(ByteLMConfig):
     # Cross-attention after every encoder layer and before every decoder layer, rather than
     # only the last / first one (as the released BLT models do).
     cross_attn_all_layers: bool = True
+    encoder_cross_all_layers: bool | None = None  # the encoder's own flag; None = cross_attn_all_layers
+    decoder_cross_all_layers: bool | None = None  # the decoder's own flag; None = cross_attn_all_layers
+    # q + (q + attn) instead of q + attn in every cross-attention (transformers' BLT; blt_hf.py)
+    cross_attn_double_residual: bool = False
+    latent_norm: bool = True  # RMSNorm after the latent transformer (transformers' BLT has none)
+    # Ids whose logit is always -inf: an imported model's vocabulary has no output for them.
+    unused_outputs: tuple[int, ...] = ()
     # Frozen entropy model (a windowed flat Transformer) for entropy patching; its weights are
     # loaded later into ``model.entropy_model``. None for strided / space patching.
     entropy_model: TransformerConfig | None = None
@@ -123,10 +130,19 @@ class BLTConfig(ByteLMConfig):
             )
         if self.patcher.pad_id != self.pad_id:
             raise ValueError(f"patcher.pad_id {self.patcher.pad_id} != pad_id {self.pad_id}")
+        self.unused_outputs = tuple(sorted(set(self.unused_outputs)))
+        if any(not 0 <= i < self.vocab_size for i in self.unused_outputs):
+            raise ValueError(f"unused_outputs must be ids in 0..{self.vocab_size - 1}, got {self.unused_outputs}")
         if self.cross_attn_k < 1 or self.max_seq_len < 1:
             raise ValueError(
                 f"need cross_attn_k >= 1 and max_seq_len >= 1, got {self.cross_attn_k}, {self.max_seq_len}"
             )
+
+    def cross_layers(self, decoder: bool) -> int:
+        """Cross-attention layers of the encoder (after its last ones) or decoder (before its first)."""
+        flag = self.decoder_cross_all_layers if decoder else self.encoder_cross_all_layers
+        every = self.cross_attn_all_layers if flag is None else flag
+        return (self.decoder if decoder else self.encoder).n_layers if every else 1
 
 
 # Shipped sizes (BLTConfig fields; nested parts as dicts). "params" excludes the frozen entropy
@@ -177,19 +193,6 @@ def blt_preset(name: str, **overrides) -> BLTConfig:
 
 
 # --- building blocks --------------------------------------------------------------------------
-class CrossAttention(nn.Module):
-    """Pre-norm cross-attention with a residual on the queries (no MLP, no RoPE), as in BLT."""
-
-    def __init__(self, dim: int, n_heads: int, norm_eps: float) -> None:
-        super().__init__()
-        self.q_norm = RMSNorm(dim, eps=norm_eps)
-        self.kv_norm = RMSNorm(dim, eps=norm_eps)
-        self.attn = Attention(dim, n_heads)
-
-    def forward(self, x: torch.Tensor, kv: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
-        return x + self.attn(self.q_norm(x), self.kv_norm(kv), mask_mod=mask, causal=False)
-
-
 def _local_mask(window: int, n: int, device) -> AttentionMask | None:
     """Windowed causal self-attention mask over n positions; None (plain causal) if window >= n."""
     return None if window >= n else prepare_mask(sliding_window_mask(window), None, n, n, device)
@@ -219,26 +222,31 @@ class BLT(BLTDecoding, ByteLM):
         self.enc_blocks = nn.ModuleList(
             Block(E.dim, E.n_heads, None, enc_rope, E.mlp_hidden, c.norm_eps, c.dropout) for _ in range(E.n_layers)
         )
-        n_enc_cross = E.n_layers if c.cross_attn_all_layers else 1
+        double = c.cross_attn_double_residual
         self.pool_proj = nn.Linear(E.dim, k * E.dim, bias=False)  # max-pooled patch -> k queries
-        self.enc_cross = nn.ModuleList(CrossAttention(E.dim, E.n_heads, c.norm_eps) for _ in range(n_enc_cross))
+        self.enc_cross = nn.ModuleList(
+            CrossAttention(E.dim, E.n_heads, c.norm_eps, double) for _ in range(c.cross_layers(decoder=False))
+        )
         self.to_latent = nn.Linear(k * E.dim, G.dim, bias=False)
         lat_rope = RoPE(G.dim // G.n_heads, c.rope_theta)
         self.latent_blocks = nn.ModuleList(
             Block(G.dim, G.n_heads, G.n_kv_heads, lat_rope, G.mlp_hidden, c.norm_eps, c.dropout)
             for _ in range(G.n_layers)
         )
-        self.latent_norm = RMSNorm(G.dim, eps=c.norm_eps)
+        self.latent_norm = RMSNorm(G.dim, eps=c.norm_eps) if c.latent_norm else nn.Identity()
         self.to_decoder = nn.Linear(G.dim, k * Dd.dim, bias=False)  # latent state -> k slots
         self.enc_to_dec = nn.Identity() if E.dim == Dd.dim else nn.Linear(E.dim, Dd.dim, bias=False)
         dec_rope = RoPE(Dd.dim // Dd.n_heads, c.rope_theta)
-        n_dec_cross = Dd.n_layers if c.cross_attn_all_layers else 1
-        self.dec_cross = nn.ModuleList(CrossAttention(Dd.dim, Dd.n_heads, c.norm_eps) for _ in range(n_dec_cross))
+        self.dec_cross = nn.ModuleList(
+            CrossAttention(Dd.dim, Dd.n_heads, c.norm_eps, double) for _ in range(c.cross_layers(decoder=True))
+        )
         self.dec_blocks = nn.ModuleList(
             Block(Dd.dim, Dd.n_heads, None, dec_rope, Dd.mlp_hidden, c.norm_eps, c.dropout) for _ in range(Dd.n_layers)
         )
         self.dec_norm = RMSNorm(Dd.dim, eps=c.norm_eps)
         self.head = nn.Linear(Dd.dim, c.vocab_size, bias=False)
+        unused = torch.tensor(c.unused_outputs, dtype=torch.long) if c.unused_outputs else None
+        self.register_buffer("unused_outputs", unused, persistent=False)
         self._init_weights()
         self.entropy_model: Transformer | None = None
         if c.entropy_model is not None:  # built after init: it keeps its own initialisation
@@ -409,7 +417,7 @@ class BLT(BLTDecoding, ByteLM):
                 h = self.dec_cross[i](h, slots, cross_mask)
             cache = caches[i] if caches else None
             h = block(h, positions=positions, mask_mod=self_mask, causal=True, cache=cache)
-        return self.head(self.dec_norm(h))
+        return mask_outputs(self.head(self.dec_norm(h)), self.unused_outputs)
 
     # --- full forward -------------------------------------------------------------------------
     def forward(self, ids: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:

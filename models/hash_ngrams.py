@@ -1,6 +1,9 @@
 """BLT's hashed n-gram embeddings (Pagnoni et al. 2024, §3.2.1): byte embedding plus one table
 per n-gram size and hash function, indexed by a rolling polynomial hash of the n bytes ending at
 each position.
+
+``style = "transformers"`` computes transformers' BltForCausalLM ids instead (its primes, its
+polynomial, its vocabulary) and sums without dividing: ``models/blt_hf.py``.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .blt_hf import TRANSFORMERS_PRIMES, transformers_hash_ids
 
 HASH_MODULUS = 2**31 - 1  # Mersenne prime: residues < 2^31, so a residue times an id fits in int64
 # One multiplier per hash function (primes < HASH_MODULUS, the first as in the paper's code).
@@ -35,14 +40,20 @@ class HashNgramConfig:
     # default and the presets use less to stay near their parameter budgets.
     table_size: int = 16_384
     num_functions: int = 1  # hash functions per n, each with its own table (released BLT: 1)
+    # "polybyte": our rolling hash (below), embeddings summed and divided by K+1; "transformers":
+    # transformers' BLT ids and a plain sum (models/blt_hf.py), for its imported weights.
+    style: str = "polybyte"
 
     def __post_init__(self) -> None:
         self.sizes = tuple(self.sizes)
+        if self.style not in ("polybyte", "transformers"):
+            raise ValueError(f"hash n-gram style must be 'polybyte' or 'transformers', got {self.style!r}")
+        primes = HASH_MULTIPLIERS if self.style == "polybyte" else TRANSFORMERS_PRIMES
         if not self.sizes or min(self.sizes) < 1:
             raise ValueError(f"hash n-gram sizes must be positive integers, got {self.sizes}")
-        if self.table_size < 1 or not 1 <= self.num_functions <= len(HASH_MULTIPLIERS):
+        if self.table_size < 1 or not 1 <= self.num_functions <= len(primes):
             raise ValueError(
-                f"need table_size >= 1 and 1 <= num_functions <= {len(HASH_MULTIPLIERS)}, "
+                f"need table_size >= 1 and 1 <= num_functions <= {len(primes)}, "
                 f"got {self.table_size}, {self.num_functions}"
             )
 
@@ -82,7 +93,8 @@ def hash_ngram_ids(
 
 class HashNgramEmbedding(nn.Module):
     """Byte embedding plus hashed n-gram embeddings, summed and divided by the number of terms
-    (the paper normalises the sum by the number of n-gram sizes plus one)."""
+    (the paper normalises the sum by the number of n-gram sizes plus one; style "transformers"
+    does not divide)."""
 
     def __init__(self, vocab_size: int, dim: int, config: HashNgramConfig) -> None:
         super().__init__()
@@ -97,8 +109,11 @@ class HashNgramEmbedding(nn.Module):
         """inputs [B, n] -> [B, n, D]. ``history`` [B, h]: inputs just before (incremental use)."""
         c = self.config
         full = inputs if history is None else torch.cat([history, inputs], dim=1)
-        rows = hash_ngram_ids(full, c.sizes, c.table_size, c.num_functions)[:, -inputs.shape[1] :]
+        ids_of = hash_ngram_ids if c.style == "polybyte" else transformers_hash_ids
+        rows = ids_of(full, c.sizes, c.table_size, c.num_functions)[:, -inputs.shape[1] :]
         B, n, K = rows.shape
         bags = (rows + self.offsets).reshape(B * n, K)  # [B, n, K] -> [B*n, K]
         hashed = F.embedding_bag(bags, self.hash_embed.weight, mode="sum").view(B, n, -1)
+        if c.style == "transformers":
+            return self.byte_embed(inputs) + hashed
         return (self.byte_embed(inputs) + hashed) / (K + 1)

@@ -233,6 +233,27 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 
+class CrossAttention(nn.Module):
+    """Pre-norm cross-attention with a residual on the queries (no MLP, no RoPE), as in BLT:
+    x + attn(norm(x), norm(kv)); ``double_residual``: x + (x + attn), as transformers' BLT."""
+
+    def __init__(self, dim: int, n_heads: int, norm_eps: float, double_residual: bool = False) -> None:
+        super().__init__()
+        self.q_norm = RMSNorm(dim, eps=norm_eps)
+        self.kv_norm = RMSNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, n_heads)
+        self.double_residual = double_residual
+
+    def forward(self, x: torch.Tensor, kv: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
+        out = self.attn(self.q_norm(x), self.kv_norm(kv), mask_mod=mask, causal=False)
+        return x + (out + x) if self.double_residual else x + out
+
+
+def mask_outputs(logits: torch.Tensor, unused: torch.Tensor | None) -> torch.Tensor:
+    """logits [.., V] with the ids in ``unused`` (a long tensor, or None) set to -inf."""
+    return logits if unused is None else logits.index_fill(-1, unused, float("-inf"))
+
+
 def init_normal(module: nn.Module, std: float) -> None:
     """Normal(0, std) init of every Linear and Embedding weight under ``module``."""
     for m in module.modules():

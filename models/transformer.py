@@ -28,7 +28,7 @@ from torch import nn
 from .base import ByteLM, ByteLMConfig, DecodingState
 from .flops import attention_flops, attention_pairs, linear_flops, training_flops
 from .kv_cache import DeviceKVCache, DeviceWindowedKVCache, KVCache, TransformerCache, WindowedKVCache
-from .layers import Block, RMSNorm, RoPE, init_normal, init_residual_projections
+from .layers import Block, RMSNorm, RoPE, init_normal, init_residual_projections, mask_outputs
 from .masks import AttentionMask, prepare_mask, sliding_window_mask
 
 
@@ -45,8 +45,13 @@ class TransformerConfig(ByteLMConfig):
     norm_eps: float = 1e-5  # RMSNorm epsilon
     tie_embeddings: bool = False  # share the output head with the input embedding (off: Llama/BLT default)
     init_std: float = 0.02  # normal init std; residual output projections get std/sqrt(2·n_layers) (GPT-2)
+    # Ids whose logit is always -inf: an imported model's vocabulary has no output for them.
+    unused_outputs: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        self.unused_outputs = tuple(sorted(set(self.unused_outputs)))
+        if any(not 0 <= i < self.vocab_size for i in self.unused_outputs):
+            raise ValueError(f"unused_outputs must be ids in 0..{self.vocab_size - 1}, got {self.unused_outputs}")
         if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
             raise ValueError(f"dim {self.dim} must split into n_heads {self.n_heads} heads of even size")
         if self.window is not None and self.window < 1:
@@ -95,6 +100,8 @@ class Transformer(ByteLM):
         )
         self.norm = RMSNorm(c.dim, eps=c.norm_eps)
         self.head = None if c.tie_embeddings else nn.Linear(c.dim, c.vocab_size, bias=False)
+        unused = torch.tensor(c.unused_outputs, dtype=torch.long) if c.unused_outputs else None
+        self.register_buffer("unused_outputs", unused, persistent=False)
         # window masks by (length, device): they depend on nothing else, and building a
         # FlexAttention block mask every step would cost as much as a small model's forward
         self._masks: dict[tuple[int, str], AttentionMask] = {}
@@ -144,9 +151,8 @@ class Transformer(ByteLM):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Hidden states [B, n, D] -> logits [B, n, V]."""
-        if self.head is None:
-            return nn.functional.linear(h, self.embed.weight)
-        return self.head(h)
+        weight = self.embed.weight if self.head is None else self.head.weight
+        return mask_outputs(nn.functional.linear(h, weight), self.unused_outputs)
 
     def forward(self, ids: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
         return self.logits(self.hidden(self.inputs(ids, modality)))

@@ -40,9 +40,10 @@ def remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def fsync(path: Path) -> None:
-    """Flush a file, or every file of a folder and the folder itself, to the disk."""
-    paths = sorted(path.rglob("*")) + [path] if path.is_dir() else [path]
+def fsync(path: Path, recursive: bool = True) -> None:
+    """Flush a file, or every file of a folder and the folder itself, to the disk; with
+    ``recursive=False`` a folder's own entry only (its list of names, after a rename into it)."""
+    paths = sorted(path.rglob("*")) + [path] if path.is_dir() and recursive else [path]
     for p in paths:
         fd = os.open(p, os.O_RDONLY)
         try:
@@ -74,7 +75,7 @@ def commit(tmp: Path, final: Path) -> None:
         if final.is_dir() and not final.is_symlink():
             shutil.rmtree(final)
         os.replace(tmp, final)
-    fsync(final.parent)
+    fsync(final.parent, recursive=False)  # the rename itself: not every file beside it (e.g. all of /tmp)
 
 
 # --- reading a .ckpt ----------------------------------------------------------------------------

@@ -15,6 +15,7 @@ COMMANDS = {
     "validate": ("lit", "validate a checkpoint (LightningCLI)"),
     "eval": ("evaluate", "bits-per-byte report per modality, optionally against codecs"),
     "sample": ("sample", "sample text, images (PNG) or audio (WAV) from a checkpoint"),
+    "import": ("blt_import", "convert downloaded weights (a transformers BLT folder) into a polybyte export"),
     "plot": ("plot", "learning curves: val bits/byte against training time and FLOPs, codecs beside"),
     "bench": ("bench", "measure training, sampling or data-loading throughput"),
     "demo": ("demo", "build a small dataset, train, evaluate and sample on this machine"),

@@ -23,6 +23,7 @@ from polybyte.models import ByteLM, build_model, config_to_dict
 from polybyte.models.base import nll_loss
 
 from .bpb import BPBMeter
+from .checkpoints import one_line
 from .compiling import CompileScope, compile_for_training, compile_scope
 from .export import load_exported
 from .optim import lr_factor, no_decay, schedule_notice
@@ -72,11 +73,20 @@ def check_model_dict(model: Any) -> None:
         )
 
 
+def merge_fields(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``over``'s keys set; a dict in both (a nested config) is merged key by key."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge_fields(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 class ByteLMModule(L.LightningModule):
     """Trains a byte model; logs loss, per-modality BPB, bytes/s, patches, MFU, lr.
 
     Args:
-        model: backbone config as a dict, ``{"backbone": "megabyte", ...fields}`` (see configs/).
+        model: backbone config as a dict, ``{"backbone": "megabyte", ...fields}`` (see configs/);
+            with ``init_from``, only the fields to change (None: the export's config as it is).
         lr: peak learning rate of AdamW.
         betas: AdamW betas (0.9, 0.95 as in MEGABYTE/BLT/nanoGPT).
         weight_decay: decoupled weight decay on matrices only (not norms, embeddings, hash tables).
@@ -97,11 +107,15 @@ class ByteLMModule(L.LightningModule):
         val_samples: images and audio clips sampled per image or audio source at each validation
             of a fit and logged to TensorBoard (only with a TensorBoard logger; val_samples.py);
             0 turns them off.
+        init_from: an export folder (or its ``X.ckpt``) to start from, e.g. one written by
+            ``polybyte import blt``: its backbone config, with the fields of ``model`` set over
+            it, and all its weights (the entropy model's included). Optimizer and step start
+            afresh (``--ckpt_path`` resumes a run instead).
     """
 
     def __init__(
         self,
-        model: dict[str, Any],
+        model: dict[str, Any] | None = None,
         lr: float = 3e-4,
         betas: tuple[float, float] = (0.9, 0.95),
         weight_decay: float = 0.1,
@@ -113,12 +127,27 @@ class ByteLMModule(L.LightningModule):
         max_nonfinite_steps: int = 5,
         patch_targets: dict[str, float] | None = None,
         val_samples: int = 2,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         compile_scope(compile)  # a bad value fails here, not at the first step
+        start = None
+        if init_from:
+            start, info = load_exported(init_from)
+            model = merge_fields(info["model"], model or {})
+            self.hparams["model"] = model  # the checkpoints record the whole config
+        elif model is None:
+            raise ValueError("model.model is required (a backbone config), unless model.init_from names an export")
         check_model_dict(model)
         self.model: ByteLM = build_model(dict(model))
+        if start is not None:
+            try:
+                self.model.load_state_dict(start.state_dict())
+            except RuntimeError as e:  # a field of model.model changed a shape
+                raise ValueError(
+                    f"model.init_from {init_from}: its weights do not fit model.model ({one_line(e)})"
+                ) from None
         if entropy_model:
             self._load_entropy_model(entropy_model)
         self.bpb_meter = BPBMeter()  # validation: bits and bytes per modality over the val set
@@ -150,10 +179,10 @@ class ByteLMModule(L.LightningModule):
         target = getattr(self.model, "entropy_model", None)
         if target is None:
             raise ValueError(f"entropy_model={path!r} given but backbone {self.model.backbone!r} has none")
-        loaded, info = load_exported(path)
+        loaded, _ = load_exported(path)
         # max_seq_len only sizes caches and FLOP counts; any other difference changes the weights
         want = {k: v for k, v in config_to_dict(target.config).items() if k != "max_seq_len"}
-        have = {k: v for k, v in info["model"].items() if k != "max_seq_len"}
+        have = {k: v for k, v in config_to_dict(loaded.config).items() if k != "max_seq_len"}
         if want != have:
             differ = ", ".join(
                 f"{k}: config {want.get(k)!r} vs file {have.get(k)!r}"

@@ -18,9 +18,9 @@ PACKAGES = ("modalities", "models", "pipelines")
 API = "polybyte"  # the folder holding the import package's own modules: __init__.py, api.py
 
 
-@pytest.mark.parametrize("module", ["evaluate", "sample", "shards"])
+@pytest.mark.parametrize("module", ["evaluate", "sample", "shards", "blt_import"])
 def test_eval_sample_and_shard_never_import_lightning(module):
-    """Imported in a fresh interpreter, as `polybyte eval|sample|shard` load them (through cli.py)."""
+    """Imported in a fresh interpreter, as `polybyte eval|sample|shard|import` load them (through cli.py)."""
     code = (
         "import sys\n"
         "from polybyte.pipelines import cli\n"
