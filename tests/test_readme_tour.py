@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -233,6 +234,13 @@ def _check_bench(words, cwd, out):
     assert "bytes/s" in out
 
 
+def _check_import(words, cwd, out):
+    folder = cwd / option(words, "--out")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model"]["backbone"] == "blt" and config["source"]["format"] == "transformers BltForCausalLM"
+    assert (folder / "model.safetensors").is_file() and (folder / "README.md").is_file()
+
+
 CHECKS = {
     "shard": _check_shard,
     "fit": _check_fit,
@@ -241,6 +249,7 @@ CHECKS = {
     "sample": _check_sample,
     "plot": _check_plot,
     "bench": _check_bench,
+    "import": _check_import,
 }
 
 
@@ -289,6 +298,23 @@ def place_inputs(cwd: Path, data: Path) -> None:
     for wav in wavs:
         shutil.copy(wav, cwd / "recordings" / wav.name)
     shutil.copy(wavs[0], cwd / "speech.wav")
+
+    # a transformers BLT folder of a tiny random model where README downloads BLT-1B (test extra:
+    # transformers), and the fine-tune config README's `--model.init_from` line names
+    import transformers
+    from test_blt_hf_parity import VARIANTS, hf_config
+
+    torch.manual_seed(0)
+    transformers.BltForCausalLM(hf_config(VARIANTS["released-layout"], threshold=5.0)).save_pretrained(
+        cwd / "blt-1b-hf"
+    )
+    finetune = {
+        "trainer": dict(max_steps=2, limit_val_batches=1, val_check_interval=2, default_root_dir="runs/finetune"),
+        "checkpoint": dict(every_n_train_steps=2),
+        "model": dict(lr=1e-3, warmup_steps=1, val_samples=0),
+        "data": dict(sources={"text": "data/shards/text"}, weights=None, seq_len=96, batch_size=2, num_workers=0),
+    }
+    (cwd / "my-finetune.yaml").write_text(yaml.safe_dump(finetune))
 
 
 # --- the tests ----------------------------------------------------------------------------------
