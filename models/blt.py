@@ -37,7 +37,7 @@ from .entropy import compute_entropies
 from .flops import TRAIN_FACTOR, attention_flops, attention_pairs, linear_flops
 from .hash_ngrams import HashNgramConfig, HashNgramEmbedding
 from .kv_cache import LayerCache
-from .layers import Block, CrossAttention, RMSNorm, RoPE, init_residual_projections, mask_outputs
+from .layers import Block, CrossAttention, OutputMask, RMSNorm, RoPE, checked_output_ids, init_residual_projections
 from .masks import AttentionMask, prepare_mask, sliding_window_mask
 from .patching import PatcherConfig
 from .transformer import PRESETS as TRANSFORMER_PRESETS
@@ -130,9 +130,7 @@ class BLTConfig(ByteLMConfig):
             )
         if self.patcher.pad_id != self.pad_id:
             raise ValueError(f"patcher.pad_id {self.patcher.pad_id} != pad_id {self.pad_id}")
-        self.unused_outputs = tuple(sorted(set(self.unused_outputs)))
-        if any(not 0 <= i < self.vocab_size for i in self.unused_outputs):
-            raise ValueError(f"unused_outputs must be ids in 0..{self.vocab_size - 1}, got {self.unused_outputs}")
+        self.unused_outputs = checked_output_ids(self.unused_outputs, self.vocab_size)
         if self.cross_attn_k < 1 or self.max_seq_len < 1:
             raise ValueError(
                 f"need cross_attn_k >= 1 and max_seq_len >= 1, got {self.cross_attn_k}, {self.max_seq_len}"
@@ -245,8 +243,7 @@ class BLT(BLTDecoding, ByteLM):
         )
         self.dec_norm = RMSNorm(Dd.dim, eps=c.norm_eps)
         self.head = nn.Linear(Dd.dim, c.vocab_size, bias=False)
-        unused = torch.tensor(c.unused_outputs, dtype=torch.long) if c.unused_outputs else None
-        self.register_buffer("unused_outputs", unused, persistent=False)
+        self.output_mask = OutputMask(c.unused_outputs)
         self._init_weights()
         self.entropy_model: Transformer | None = None
         if c.entropy_model is not None:  # built after init: it keeps its own initialisation
@@ -417,7 +414,7 @@ class BLT(BLTDecoding, ByteLM):
                 h = self.dec_cross[i](h, slots, cross_mask)
             cache = caches[i] if caches else None
             h = block(h, positions=positions, mask_mod=self_mask, causal=True, cache=cache)
-        return mask_outputs(self.head(self.dec_norm(h)), self.unused_outputs)
+        return self.output_mask(self.head(self.dec_norm(h)))
 
     # --- full forward -------------------------------------------------------------------------
     def forward(self, ids: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:

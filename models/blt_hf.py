@@ -16,8 +16,8 @@ Every difference found in its source, and how our BLT reproduces it (the option 
 * Hash n-gram ids (``HashNgramConfig.style = "transformers"``, ``transformers_hash_ids``): the
   n bytes ending at t, oldest first, summed as ``Σ_j id[t-n+1+j]·prime^j`` in wrapping int64
   arithmetic, then ``% table_size`` (torch's non-negative remainder); positions before the
-  stream read id 0 (BOE); its own ids (above), not ours; primes ``TRANSFORMERS_PRIMES``, cycled
-  when there are more hash functions than primes; table f·len(sizes)+s at offset index·table_size
+  stream read id 0 (BOE); its own ids (above), not ours; primes ``TRANSFORMERS_PRIMES``, one per
+  hash function (at most 11: ``HashNgramConfig`` refuses more); table f·len(sizes)+s at offset index·table_size
   (our layout). The byte embedding and the n-gram embeddings are summed, not divided by K+1.
 * Entropy patching (``PatcherConfig``): a patch starts at byte p iff the entropy of byte p given
   the bytes before it exceeds ``patching_threshold`` (strict ``>``, one global threshold, no
@@ -53,8 +53,9 @@ Every difference found in its source, and how our BLT reproduces it (the option 
   where ours rotates halves (i, i + D/2): the import permutes the query and key rows of every
   self-attention head (even rows first, then odd), which leaves every attention score unchanged.
 * Local attention: full causal over the whole stream (no window): the import sets each local
-  model's ``window`` to ``max_seq_len`` (its ``max_position_embeddings``), equal below that many
-  bytes; beyond it ours slides a window, which keeps sampling memory bounded.
+  model's ``window`` to ``max_seq_len`` (its top-level ``max_position_embeddings``), equal below
+  that many bytes; beyond it our local models slide that window (the entropy model and the latent
+  keep every position, as its own do).
 * Norms: RMSNorm, eps from its config, computed in fp32: ours (torch's RMSNorm).
 
 Known differences left as they are:
@@ -81,7 +82,7 @@ HF_VOCAB_SIZE = 260  # transformers' BLT: 4 specials, then the 256 bytes
 HF_BOE, HF_BOS, HF_EOS, HF_BPE = 0, 1, 2, 3  # its special ids
 HF_OFFSET = 4  # byte b is id b + 4
 
-# One prime per hash function, in transformers' order (compute_hash_embeddings), cycled.
+# One prime per hash function, in transformers' order (compute_hash_embeddings).
 TRANSFORMERS_PRIMES = (
     1000000007,
     5915587277,
@@ -111,8 +112,9 @@ def hf_id(polybyte_id: int) -> int:
 
 # transformers' embedding row read by each of our input ids
 HF_ROW_OF_INPUT = tuple(hf_id(i) for i in range(VOCAB_SIZE))
-# our id for each of its 260 output rows (its specials onto the text tag, EOS and reserved ids)
-OUTPUT_OF_HF_ROW = (FIRST_TAG + 3, FIRST_TAG, EOS, FIRST_TAG + 4, *range(NUM_BYTES))
+# our id for each of its 260 output rows: its BOE and BPE onto reserved ids, BOS onto the text tag
+OUTPUT_OF_SPECIAL = {HF_BOE: FIRST_TAG + 3, HF_BOS: FIRST_TAG, HF_EOS: EOS, HF_BPE: FIRST_TAG + 4}
+OUTPUT_OF_HF_ROW = (*(OUTPUT_OF_SPECIAL[i] for i in range(HF_OFFSET)), *range(NUM_BYTES))
 # our ids it has no output for: logit -inf
 UNUSED_OUTPUTS = tuple(sorted(set(range(VOCAB_SIZE)) - set(OUTPUT_OF_HF_ROW)))
 assert PAD in UNUSED_OUTPUTS and len(UNUSED_OUTPUTS) == VOCAB_SIZE - HF_VOCAB_SIZE
@@ -141,7 +143,7 @@ def transformers_hash_ids(ids: torch.Tensor, sizes: tuple[int, ...], table_size:
     hid = to_hf_ids(hid)  # [B, n_max-1+T]
     out = []
     for f in range(num_functions):
-        prime = TRANSFORMERS_PRIMES[f % len(TRANSFORMERS_PRIMES)]
+        prime = TRANSFORMERS_PRIMES[f]
         for n in sizes:
             h = torch.zeros(B, T, dtype=torch.long, device=ids.device)
             for j in range(n):  # the j-th oldest of the n bytes ending at t: column t - n + 1 + j

@@ -249,9 +249,25 @@ class CrossAttention(nn.Module):
         return x + (out + x) if self.double_residual else x + out
 
 
-def mask_outputs(logits: torch.Tensor, unused: torch.Tensor | None) -> torch.Tensor:
-    """logits [.., V] with the ids in ``unused`` (a long tensor, or None) set to -inf."""
-    return logits if unused is None else logits.index_fill(-1, unused, float("-inf"))
+def checked_output_ids(ids, vocab_size: int) -> tuple[int, ...]:
+    """Output ids to mask (a config's ``unused_outputs``), sorted and unique; ValueError outside the vocabulary."""
+    ids = tuple(sorted(set(ids)))
+    if any(not 0 <= i < vocab_size for i in ids):
+        raise ValueError(f"unused_outputs must be ids in 0..{vocab_size - 1}, got {ids}")
+    return ids
+
+
+class OutputMask(nn.Module):
+    """logits [.., V] with the ids in ``unused`` set to -inf (an imported model's outputs that its
+    source has no row for); the identity when ``unused`` is empty."""
+
+    def __init__(self, unused: tuple[int, ...]):
+        super().__init__()
+        ids = torch.tensor(unused, dtype=torch.long) if unused else None
+        self.register_buffer("ids", ids, persistent=False)
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits if self.ids is None else logits.index_fill(-1, self.ids, float("-inf"))
 
 
 def init_normal(module: nn.Module, std: float) -> None:

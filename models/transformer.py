@@ -28,7 +28,7 @@ from torch import nn
 from .base import ByteLM, ByteLMConfig, DecodingState
 from .flops import attention_flops, attention_pairs, linear_flops, training_flops
 from .kv_cache import DeviceKVCache, DeviceWindowedKVCache, KVCache, TransformerCache, WindowedKVCache
-from .layers import Block, RMSNorm, RoPE, init_normal, init_residual_projections, mask_outputs
+from .layers import Block, OutputMask, RMSNorm, RoPE, checked_output_ids, init_normal, init_residual_projections
 from .masks import AttentionMask, prepare_mask, sliding_window_mask
 
 
@@ -49,9 +49,7 @@ class TransformerConfig(ByteLMConfig):
     unused_outputs: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        self.unused_outputs = tuple(sorted(set(self.unused_outputs)))
-        if any(not 0 <= i < self.vocab_size for i in self.unused_outputs):
-            raise ValueError(f"unused_outputs must be ids in 0..{self.vocab_size - 1}, got {self.unused_outputs}")
+        self.unused_outputs = checked_output_ids(self.unused_outputs, self.vocab_size)
         if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
             raise ValueError(f"dim {self.dim} must split into n_heads {self.n_heads} heads of even size")
         if self.window is not None and self.window < 1:
@@ -100,8 +98,7 @@ class Transformer(ByteLM):
         )
         self.norm = RMSNorm(c.dim, eps=c.norm_eps)
         self.head = None if c.tie_embeddings else nn.Linear(c.dim, c.vocab_size, bias=False)
-        unused = torch.tensor(c.unused_outputs, dtype=torch.long) if c.unused_outputs else None
-        self.register_buffer("unused_outputs", unused, persistent=False)
+        self.output_mask = OutputMask(c.unused_outputs)
         # window masks by (length, device): they depend on nothing else, and building a
         # FlexAttention block mask every step would cost as much as a small model's forward
         self._masks: dict[tuple[int, str], AttentionMask] = {}
@@ -152,7 +149,7 @@ class Transformer(ByteLM):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Hidden states [B, n, D] -> logits [B, n, V]."""
         weight = self.embed.weight if self.head is None else self.head.weight
-        return mask_outputs(nn.functional.linear(h, weight), self.unused_outputs)
+        return self.output_mask(nn.functional.linear(h, weight))
 
     def forward(self, ids: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
         return self.logits(self.hidden(self.inputs(ids, modality)))

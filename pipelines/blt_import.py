@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from polybyte.models import build_model, config_to_dict
+from polybyte.models import build_model
 from polybyte.models.blt_hf import HF_ROW_OF_INPUT, HF_VOCAB_SIZE, OUTPUT_OF_HF_ROW, UNUSED_OUTPUTS
 from polybyte.models.tokens import VOCAB_SIZE
 
@@ -91,9 +91,11 @@ def read_source(src: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
 
 def _part(config: dict[str, Any], name: str) -> dict[str, Any]:
     """A sub-config with transformers' defaults filled in; ``theta`` its RoPE base."""
-    given = dict(config.get(name) or {})
+    given = config.get(name) or {}
+    if not isinstance(given, dict):
+        raise BLTImportError(f"config.json {name}: expected an object of settings, got {type(given).__name__}")
     part = {**DEFAULTS[name], **{k: v for k, v in given.items() if v is not None}}
-    rope = given.get("rope_parameters") or config.get("rope_parameters") or {}
+    rope = given.get("rope_parameters") or {}  # each part's own (the top-level one is not inherited)
     if given.get("rope_theta") is not None:  # configs written before rope_parameters
         rope = {"rope_theta": given["rope_theta"], **rope}
     if rope.get("rope_type", "default") != "default" or given.get("rope_scaling"):
@@ -135,6 +137,18 @@ def blt_config(config: dict[str, Any], state: dict[str, torch.Tensor]) -> dict[s
     for name, part in (("encoder_config", enc), ("decoder_config", dec)):
         if part["num_key_value_heads"] != part["num_attention_heads"]:
             raise BLTImportError(f"{name}: grouped-query attention in a local model is not supported")
+        if part.get("cross_attn_k", top["cross_attn_k"]) != top["cross_attn_k"]:
+            raise BLTImportError(
+                f"{name}: cross_attn_k {part['cross_attn_k']} differs from the top-level {top['cross_attn_k']}"
+            )
+    for name, part in (("encoder_config", enc), ("decoder_config", dec), ("global_config", glob)):
+        if part.get("hidden_act", "silu") != "silu":
+            raise BLTImportError(f"{name}: hidden_act {part['hidden_act']!r} is not supported (only 'silu')")
+    if len({enc["rms_norm_eps"], dec["rms_norm_eps"], glob["rms_norm_eps"]}) > 1:
+        raise BLTImportError(
+            f"rms_norm_eps differs (encoder {enc['rms_norm_eps']}, decoder {dec['rms_norm_eps']}, "
+            f"global {glob['rms_norm_eps']}): our BLT takes one"
+        )
     T = int(top["max_position_embeddings"])
 
     def hidden(prefix: str) -> int:
@@ -280,7 +294,7 @@ def convert_state(hf: dict[str, torch.Tensor], cfg: dict[str, Any]) -> dict[str,
         block(f"entropy_model.blocks.{i}", f"{pat}.layers.{i}", P["dim"] // P["n_heads"])
     out["entropy_model.norm.weight"] = get(f"{pat}.norm.weight")
     out["entropy_model.head.weight"] = head(get(f"{pat}.lm_head.weight"))
-    stray = sorted(set(hf) - used - {"model.local_encoder.embed_tokens.weight"})
+    stray = sorted(set(hf) - used)
     if stray:
         raise BLTImportError(
             f"{len(stray)} tensors this config does not use, e.g. {stray[0]} (a config unlike its weights)"
@@ -288,7 +302,7 @@ def convert_state(hf: dict[str, torch.Tensor], cfg: dict[str, Any]) -> dict[str,
     return {k: v.float() for k, v in out.items()}
 
 
-def import_blt(src, out, *, modalities: dict[str, dict] | None = None) -> Path:
+def import_blt(src, out) -> Path:
     """Convert the transformers BLT folder ``src`` into a polybyte export at ``out``; returns it."""
     from polybyte.modalities import get_modality
 
@@ -299,19 +313,17 @@ def import_blt(src, out, *, modalities: dict[str, dict] | None = None) -> Path:
     cfg = blt_config(config, hf)
     try:
         model = build_model(dict(cfg))
-    except ValueError as e:
+    except (ValueError, TypeError) as e:  # TypeError: a setting of the wrong type, e.g. "2" for 2
         raise BLTImportError(f"{src}/config.json: settings our BLT cannot take ({one_line(e)})") from None
-    state = convert_state(hf, cfg)
     try:
-        model.load_state_dict(state)
-    except RuntimeError as e:  # shapes unlike the config's
+        model.load_state_dict(convert_state(hf, cfg))
+    except RuntimeError as e:  # shapes unlike the config's (in the RoPE row permutation or the load)
         raise BLTImportError(f"{src}: tensor shapes do not match its config.json ({_shape_error(e)})") from None
     info_extra = {"source": {"format": "transformers BltForCausalLM", "path": str(src.resolve())}}
     licence = _licence(src)
     if licence:
         info_extra["license"] = licence
-    settings = modalities or {"text": get_modality("text").settings_dict()}
-    assert config_to_dict(model.config)["backbone"] == "blt"
+    settings = {"text": get_modality("text").settings_dict()}
     return save_exported(out, model, settings, info_extra)
 
 
@@ -351,8 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         out = import_blt(args.src, args.out)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"polybyte import: error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:  # OSError: an --out that cannot be written, e.g. under a file
+        print(f"polybyte import: error: {one_line(e)}", file=sys.stderr)
         return 2
     info = json.loads((out / "config.json").read_text())
     m = info["model"]

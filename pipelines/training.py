@@ -137,6 +137,7 @@ class ByteLMModule(L.LightningModule):
             start, info = load_exported(init_from)
             model = merge_fields(info["model"], model or {})
             self.hparams["model"] = model  # the checkpoints record the whole config
+            self.hparams["init_from"] = None  # ... and its weights: rebuilding one needs no export folder
         elif model is None:
             raise ValueError("model.model is required (a backbone config), unless model.init_from names an export")
         check_model_dict(model)

@@ -74,16 +74,38 @@ def payloads(shared_data) -> dict[str, bytes]:
     return {"text": text, "image": image}
 
 
+def randomise_norms(hf) -> None:
+    """RMSNorm weights off 1 (transformers initialises them to 1), so that a norm mapped to the
+    wrong place changes the logits."""
+    with torch.no_grad():
+        for name, param in hf.named_parameters():
+            if "norm" in name:
+                param.copy_(1 + 0.5 * torch.randn_like(param))
+
+
+def clear_threshold(hf, payload: bytes, q: float) -> float:
+    """A patching threshold near the ``q`` quantile of the entropies of ``payload``, midway between
+    two neighbouring entropies at least 1e-3 apart: its strict ``>`` and ours (entropies equal to
+    ~1e-6) then cut at the same positions."""
+    with torch.no_grad():
+        entropies, _, _ = hf.model.patcher(hf_stream(payload))
+    values = entropies[0, 1:].sort().values
+    gaps = [i for i in range(len(values) - 1) if values[i + 1] - values[i] > 1e-3]
+    i = min(gaps, key=lambda i: abs(i - q * len(values)))
+    threshold = float(values[i] + values[i + 1]) / 2
+    assert (entropies[0, 1:] - threshold).abs().min() > 4e-4
+    return threshold
+
+
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
 def pair(request, tmp_path_factory, payloads):
-    """(transformers model, our imported model, name): random weights from seed 0, the patching
-    threshold at the median entropy of the text so that patches of several lengths occur."""
+    """(transformers model, our imported model, name): random weights from seed 0 (norms too), the
+    patching threshold near the median entropy of the text so that patches of several lengths occur."""
     v = VARIANTS[request.param]
     torch.manual_seed(0)
     hf = transformers.BltForCausalLM(hf_config(v, threshold=0.0)).eval()
-    with torch.no_grad():
-        entropies, _, _ = hf.model.patcher(hf_stream(payloads["text"]))
-    hf.config.patching_threshold = float(entropies[0, 1:].median())
+    randomise_norms(hf)
+    hf.config.patching_threshold = clear_threshold(hf, payloads["text"], 0.5)
     src, out = tmp_path_factory.mktemp("hf") / request.param, tmp_path_factory.mktemp("polybyte") / request.param
     hf.save_pretrained(src)
     assert import_main(["blt", str(src), "--out", str(out)]) == 0
@@ -140,9 +162,8 @@ def test_max_patch_length_differs_only_at_the_last_position(tmp_path, payloads):
     never starts a patch; every other position agrees."""
     torch.manual_seed(0)
     hf = transformers.BltForCausalLM(hf_config(VARIANTS["released-layout"], threshold=0.0)).eval()
-    with torch.no_grad():
-        entropies, _, _ = hf.model.patcher(hf_stream(payloads["text"]))
-    hf.config.patching_threshold = float(entropies[0, 1:].quantile(0.8))  # long patches, to cut
+    randomise_norms(hf)
+    hf.config.patching_threshold = clear_threshold(hf, payloads["text"], 0.8)  # long patches, to cut
     hf.config.max_patch_length = 3
     hf.save_pretrained(tmp_path / "hf")
     assert import_main(["blt", str(tmp_path / "hf"), "--out", str(tmp_path / "ours")]) == 0
@@ -216,6 +237,43 @@ def test_import_errors(tmp_path, pair, capsys):
     err = capsys.readouterr().err
     assert "tensor shapes do not match its config.json" in err and "hash_embed" in err and err.count("\n") == 1
     assert not (tmp_path / "o3").exists()
+    # more settings its weights or our BLT do not take: each one line, exit status 2, no traceback
+    hf.save_pretrained(src)
+    good = json.loads((src / "config.json").read_text())
+    widths = {**good, **{p: {**good[p], "hidden_size": 48} for p in ("encoder_config", "decoder_config")}}
+    eps = {**good, "decoder_config": {**good["decoder_config"], "rms_norm_eps": 1e-6}}
+    typed = {**good, "global_config": {**good["global_config"], "num_hidden_layers": "2"}}
+    part = {**good, "encoder_config": "x"}
+    for bad, expected in (
+        (widths, "tensor shapes do not match its config.json"),
+        (eps, "rms_norm_eps differs"),
+        (typed, "settings our BLT cannot take"),
+        (part, "config.json encoder_config: expected an object of settings"),
+    ):
+        (src / "config.json").write_text(json.dumps(bad))
+        capsys.readouterr()
+        assert import_main(["blt", str(src), "--out", str(tmp_path / "o4")]) == 2, expected
+        err = capsys.readouterr().err
+        assert expected in err and err.count("\n") == 1, err
+    # an --out under a file
+    (src / "config.json").write_text(json.dumps(good))
+    (tmp_path / "file").write_text("")
+    assert import_main(["blt", str(src), "--out", str(tmp_path / "file" / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("polybyte import: error:") and err.count("\n") == 1, err
+
+
+def test_parts_keep_their_own_rope_base():
+    """A top-level rope_parameters (save_pretrained writes one) is not the parts' own: the
+    entropy model keeps its 10,000 as transformers' BltPatcherConfig does."""
+    from polybyte.pipelines.blt_import import blt_config
+
+    with torch.device("meta"):
+        hf = transformers.BltForCausalLM(transformers.BltConfig())
+    config = {"model_type": "blt", "rope_parameters": {"rope_type": "default", "rope_theta": 123.0}}
+    cfg = blt_config(config, hf.state_dict())
+    assert cfg["entropy_model"]["rope_theta"] == hf.config.patcher_config.rope_parameters["rope_theta"] == 10000
+    assert cfg["rope_theta"] == hf.config.global_config.rope_parameters["rope_theta"] == 500000
 
 
 def test_transformers_defaults_map_as_the_library_fills_them():
