@@ -30,7 +30,7 @@ from pathlib import Path
 from .bench_data import DEFAULT_SEQ_LEN, bench_data, synthetic_shards
 from .bench_sample import bench_sample, print_sample
 from .bench_train import bench_train, model_config, print_train_header, print_train_row
-from .peers import missing_peers
+from .peers import is_transformers_blt, missing_peers
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,9 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--peers",
         action="store_true",
-        help="also time the reference implementation of each MEGABYTE config (lucidrains' "
+        help="train: also time the reference implementation of each MEGABYTE config (lucidrains' "
         "megabyte-pytorch) and BLT config (transformers' BltForCausalLM) at its shapes, batch, "
-        "precision and optimizer, in the same process (needs the bench extra)",
+        "precision and optimizer, in the same process (needs the bench extra); sample: also time "
+        "transformers' own generate on each transformers BLT --model",
     )
     g.add_argument("--json", default=None, help="also write the results to this JSON file")
     g.add_argument(
@@ -87,7 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="train: after timing, profile 3 steps of each row with torch.profiler and write "
         "its operator table (by device time) to DIR/NAME.txt",
     )
-    g = p.add_argument_group("sample (--what sample; --model also takes BACKBONE:PRESET or a checkpoint folder)")
+    g = p.add_argument_group(
+        "sample (--what sample; --model also takes BACKBONE:PRESET, a checkpoint folder, a transformers BLT "
+        "folder or transformers-blt: random weights at BLT-1B's shapes)"
+    )
     g.add_argument("--modality", default="image", choices=["text", "image", "audio"], help="tag to sample under")
     g.add_argument("--sample-bytes", type=int, default=12288, help="bytes per row, cached (default: one 64x64 image)")
     g.add_argument(
@@ -165,6 +169,12 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.json).write_text(json.dumps(results, indent=2))
         return 0
     if args.what == "sample":
+        if any(is_transformers_blt(m) for m in args.model) and "transformers" in missing_peers():
+            print(
+                "polybyte bench: a transformers BLT --model needs transformers (the test or bench extra)",
+                file=sys.stderr,
+            )
+            return 2
         try:
             results = [
                 bench_sample(
@@ -175,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                     args.uncached_bytes,
                     bf16=False if args.fp32 else None,
                     compile=None if args.sample_compile else False,
+                    peers=args.peers,
                 )
                 for spec in args.model
             ]

@@ -11,6 +11,7 @@ import torch
 from polybyte.modalities import NUM_BYTES
 
 from .bench_train import model_config
+from .peers import TRANSFORMERS_BLT, is_transformers_blt, time_transformers_generate, transformers_blt_pair
 from .runtime import compile_decoding, default_device, prepare_for_sampling
 
 
@@ -43,6 +44,7 @@ def bench_sample(
     uncached_bytes: int = 512,
     bf16: bool | None = None,
     compile: bool | None = None,
+    peers: bool = False,
 ) -> dict:
     """Time batched sampling (``models.generate``) with caches against the uncached baseline
     (a full forward over the whole prefix per byte) on the current device, same model, same run.
@@ -53,6 +55,11 @@ def bench_sample(
     graphs. Uncached: the first ``uncached_bytes`` bytes only (its cost grows with the prefix),
     so the cached run is also timed over that many bytes for a like-for-like ratio. Random
     weights with BLT entropy patching get a threshold calibrated to the preset's mean patch length.
+
+    ``spec`` may also name a transformers BLT (``peers.is_transformers_blt``: a folder, or random
+    weights at BLT-1B's shapes), sampled through our import of it; with ``peers``, transformers'
+    own greedy ``generate`` on the same weights (the same threshold, precision and batch) is timed
+    over the first ``uncached_bytes`` bytes too.
     """
     from polybyte.modalities import TAGS
     from polybyte.models.generate import generate
@@ -61,7 +68,12 @@ def bench_sample(
     cuda = device.type == "cuda"
     bf16 = cuda if bf16 is None else bf16
     compile = cuda if compile is None else compile
-    model, random_weights = _sample_model(spec, device)
+    hf = None
+    if is_transformers_blt(spec):
+        model, hf = transformers_blt_pair(spec, device)
+        random_weights = spec == TRANSFORMERS_BLT
+    else:
+        model, random_weights = _sample_model(spec, device)
     model = prepare_for_sampling(model, device, "bf16" if bf16 else "fp32", compile=False)
     tag = TAGS[modality]
     if model.backbone == "megabyte":
@@ -71,6 +83,13 @@ def bench_sample(
     if random_weights and patcher is not None and patcher.needs_entropies:
         ids = torch.randint(0, NUM_BYTES, (4, 1024), generator=torch.Generator().manual_seed(0)).to(device)
         model.calibrate_threshold(ids, torch.full((4,), tag, device=device))
+    peer_s = None
+    if hf is not None and peers:
+        hf.config.patching_threshold = model.config.patcher.threshold  # the same patches as ours
+        peer_s = time_transformers_generate(
+            hf.to(torch.bfloat16 if bf16 else torch.float32), batch_size, uncached_bytes
+        )
+        hf.cpu()  # its memory back before ours is timed
 
     def timed(n: int, use_cache: bool, graphs: bool = True) -> float:
         if cuda:
@@ -111,6 +130,7 @@ def bench_sample(
         "cached_short_bytes_per_s": batch_size * uncached_bytes / cached_short_s,
         "uncached_bytes_per_s": batch_size * uncached_bytes / uncached_s,
         "cached_eager_short_bytes_per_s": batch_size * uncached_bytes / eager_short_s,
+        "transformers_bytes_per_s": None if peer_s is None else batch_size * uncached_bytes / peer_s,
     }
 
 
@@ -134,3 +154,11 @@ def print_sample(results: list[dict]) -> None:
             f"{r['cached_short_bytes_per_s']:>13,.0f} {r['cached_eager_short_bytes_per_s']:>10,.0f} "
             f"{r['uncached_bytes_per_s']:>9,.0f} {ratio:>6.1f}x"
         )
+    for r in results:
+        if r["transformers_bytes_per_s"] is not None:
+            print(
+                f"{Path(r['model']).name}: transformers generate (greedy, use_cache=False) "
+                f"{r['transformers_bytes_per_s']:,.0f} B/s over the first {r['uncached_bytes']} bytes; ours cached "
+                f"{r['cached_short_bytes_per_s']:,.0f} B/s over the same bytes: "
+                f"{r['cached_short_bytes_per_s'] / r['transformers_bytes_per_s']:.1f}x (same run, same weights)"
+            )

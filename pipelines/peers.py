@@ -1,10 +1,14 @@
-"""The reference implementations `polybyte bench --what train --peers` times beside ours, built at
-the shapes of a polybyte config: lucidrains' MEGABYTE (PyPI ``megabyte-pytorch``) and
-transformers' ``BltForCausalLM``. Both come with the ``bench`` extra and are imported only here,
-on use. Each is wrapped to take ``(ids, modality)`` and return logits, as our models do.
+"""The reference implementations `polybyte bench --peers` times beside ours. `--what train`: at
+the shapes of a polybyte config, lucidrains' MEGABYTE (PyPI ``megabyte-pytorch``) and
+transformers' ``BltForCausalLM``, each wrapped to take ``(ids, modality)`` and return logits, as
+our models do. `--what sample`: a transformers BLT (a folder, or random weights at BLT-1B's
+shapes) and its own ``generate`` beside our import of it. The packages come with the ``bench``
+extra (transformers with the ``test`` extra too) and are imported only here, on use.
 """
 
 from __future__ import annotations
+
+import time
 
 import torch
 
@@ -112,3 +116,71 @@ def transformers_blt(config) -> torch.nn.Module:
             return self.net(input_ids=ids, patch_lengths=lengths, use_cache=False).logits
 
     return Logits()
+
+
+# --- sampling: an imported transformers BLT beside its own generate() ----------------------------
+TRANSFORMERS_BLT = "transformers-blt"  # bench spec: random weights at transformers' default BltConfig (BLT-1B's shapes)
+
+
+def is_transformers_blt(spec: str) -> bool:
+    """``spec`` names a transformers BLT: ``TRANSFORMERS_BLT`` or a folder whose config.json says ``blt``."""
+    import json
+    from pathlib import Path
+
+    config = Path(spec) / "config.json"
+    if spec == TRANSFORMERS_BLT:
+        return True
+    try:
+        return config.is_file() and json.loads(config.read_text()).get("model_type") == "blt"
+    except (ValueError, AttributeError):  # not JSON, or not an object: not one
+        return False
+
+
+def transformers_blt_pair(spec: str, device: torch.device):
+    """``(ours, theirs)``: transformers' ``BltForCausalLM`` for ``spec`` (see ``is_transformers_blt``)
+    and our BLT with its weights, converted in memory as `polybyte import blt` converts them."""
+    from pathlib import Path
+
+    import transformers
+
+    from polybyte.models import build_model
+
+    from .blt_import import blt_config, convert_state, read_source
+
+    torch.manual_seed(0)
+    if spec == TRANSFORMERS_BLT:
+        with torch.device(device):  # initialised where it runs: BLT-1B's 4.5B parameters in seconds
+            hf = transformers.BltForCausalLM(transformers.BltConfig())
+        config, state = hf.config.to_dict(), hf.state_dict()
+    else:
+        config, state = read_source(Path(spec))
+        hf = transformers.BltForCausalLM.from_pretrained(spec, local_files_only=True).to(device)
+    cfg = blt_config(config, state)
+    with torch.device(device):
+        ours = build_model(dict(cfg))
+    ours.load_state_dict(convert_state(state, cfg))
+    return ours.eval(), hf.eval()
+
+
+def time_transformers_generate(hf, batch_size: int, n: int) -> float:
+    """Seconds for transformers' greedy ``generate`` of ``n`` bytes for ``batch_size`` rows from BOS
+    (``use_cache=False``: its cached path fails in 5.17.0; its specials suppressed, as ours never
+    samples them), after a 2-byte warm-up."""
+    ids = torch.ones(batch_size, 1, dtype=torch.long, device=hf.device)  # its BOS
+    cuda = hf.device.type == "cuda"
+
+    def run(k: int) -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = hf.generate(
+                ids, max_new_tokens=k, min_new_tokens=k, do_sample=False, use_cache=False, suppress_tokens=[0, 1, 2, 3]
+            )
+        if cuda:
+            torch.cuda.synchronize()
+        assert out.shape == (batch_size, 1 + k), out.shape
+        return time.perf_counter() - start
+
+    run(2)
+    return run(n)

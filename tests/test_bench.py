@@ -103,3 +103,23 @@ def test_a_config_without_a_model_section_is_refused(tmp_path, capsys):
     path.write_text("trainer: {}\n")
     assert bench.main(["--what", "train", "--model", str(path)]) == 2
     assert "not a LightningCLI config with a model.model section" in capsys.readouterr().err
+
+
+def test_sample_peers_time_transformers_generate_on_the_same_weights(tmp_path, capsys, one_thread):
+    """`bench --what sample --peers` on a transformers BLT folder: ours (imported in memory) and
+    transformers' own generate, same weights, same run; the JSON holds both speeds."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+    from test_blt_hf_parity import VARIANTS, hf_config
+
+    torch.manual_seed(0)
+    transformers.BltForCausalLM(hf_config(VARIANTS["released-layout"], threshold=3.0)).save_pretrained(tmp_path / "hf")
+    out = tmp_path / "bench.json"
+    args = ["--what", "sample", "--model", str(tmp_path / "hf"), "--peers", "--modality", "text"]
+    args += ["--sample-bytes", "24", "--uncached-bytes", "8", "--sample-batch-size", "2", "--json", str(out)]
+    capsys.readouterr()
+    assert bench.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "transformers generate (greedy, use_cache=False)" in printed and "same weights" in printed
+    (r,) = json.loads(out.read_text())
+    assert r["backbone"] == "blt" and r["transformers_bytes_per_s"] > 0 and r["cached_short_bytes_per_s"] > 0
