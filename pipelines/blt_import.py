@@ -157,13 +157,13 @@ def blt_config(config: dict[str, Any], state: dict[str, torch.Tensor]) -> dict[s
             raise BLTImportError(f"missing tensor {key}")
         return int(state[key].shape[0])
 
-    def local(part, prefix):
+    def stack(part, prefix, **extra):  # one transformer part's sizes, its MLP width from the tensors
         return dict(
             dim=part["hidden_size"],
             n_layers=part["num_hidden_layers"],
             n_heads=part["num_attention_heads"],
-            window=T,
             mlp_hidden=hidden(prefix),
+            **extra,
         )
 
     pl = top["max_patch_length"]
@@ -184,15 +184,9 @@ def blt_config(config: dict[str, Any], state: dict[str, torch.Tensor]) -> dict[s
             num_functions=int(top["encoder_hash_byte_group_nb_functions"]),
             style="transformers",
         ),
-        encoder=local(enc, "model.local_encoder"),
-        latent=dict(
-            dim=glob["hidden_size"],
-            n_layers=glob["num_hidden_layers"],
-            n_heads=glob["num_attention_heads"],
-            n_kv_heads=glob["num_key_value_heads"],
-            mlp_hidden=hidden("model.global_transformer"),
-        ),
-        decoder=local(dec, "model.local_decoder"),
+        encoder=stack(enc, "model.local_encoder", window=T),
+        latent=stack(glob, "model.global_transformer", n_kv_heads=glob["num_key_value_heads"]),
+        decoder=stack(dec, "model.local_decoder", window=T),
         cross_attn_k=int(top["cross_attn_k"]),
         cross_attn_all_layers=True,
         encoder_cross_all_layers=False,  # only its last cross-attention reaches the output (blt_hf.py)
@@ -200,12 +194,10 @@ def blt_config(config: dict[str, Any], state: dict[str, torch.Tensor]) -> dict[s
         cross_attn_double_residual=True,
         latent_norm=False,
         unused_outputs=list(UNUSED_OUTPUTS),
-        entropy_model=dict(
-            dim=pat["hidden_size"],
-            n_layers=pat["num_hidden_layers"],
-            n_heads=pat["num_attention_heads"],
+        entropy_model=stack(
+            pat,
+            "model.patcher",
             n_kv_heads=pat["num_key_value_heads"],
-            mlp_hidden=hidden("model.patcher"),
             rope_theta=pat["theta"],
             max_seq_len=int(pat["max_position_embeddings"]),
             window=None,
