@@ -199,24 +199,24 @@ class AudioModality(Modality):
             self.settings.max_seconds,
         )
 
-    def native(self, member_bytes: bytes) -> dict:
-        """``{"sample_rate": Hz}`` of a recording, from its header."""
+    @staticmethod
+    def _header(member_bytes: bytes) -> tuple[int, int]:
+        """``(sample rate, channels)`` of a recording, from its header; ValueError if unreadable."""
         try:
             with sf.SoundFile(io.BytesIO(member_bytes)) as f:
-                return {"sample_rate": int(f.samplerate)}
+                return int(f.samplerate), f.channels
         except (sf.SoundFileError, RuntimeError, EOFError) as e:
             why = getattr(e, "error_string", None) or str(e)
             raise ValueError(f"cannot decode audio (WAV/FLAC/OGG expected): {why}") from None
 
+    def native(self, member_bytes: bytes) -> dict:
+        """``{"sample_rate": Hz}`` of a recording, from its header."""
+        return {"sample_rate": self._header(member_bytes)[0]}
+
     def conversion(self, member_bytes: bytes) -> tuple[str, str] | None:
         """``("44100 Hz stereo", "8000 Hz mono")`` for a recording at another rate or with more
         than one channel."""
-        try:
-            with sf.SoundFile(io.BytesIO(member_bytes)) as f:
-                rate, channels = int(f.samplerate), f.channels
-        except (sf.SoundFileError, RuntimeError, EOFError) as e:
-            why = getattr(e, "error_string", None) or str(e)
-            raise ValueError(f"cannot decode audio (WAV/FLAC/OGG expected): {why}") from None
+        rate, channels = self._header(member_bytes)
         if (rate, channels) == (self.settings.sample_rate, 1):
             return None
         layout = {1: "mono", 2: "stereo"}.get(channels, f"{channels} channels")

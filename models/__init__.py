@@ -79,11 +79,11 @@ def preset_dict(name: str, preset: str) -> dict[str, Any]:
     return dataclasses.asdict(p if dataclasses.is_dataclass(p) else dataclass_from_dict(config_class(name), p))
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+def merge_fields(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     """``base`` with ``over``'s keys set; a dict in both (a nested config) is merged key by key."""
     out = dict(base)
     for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge_fields(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -94,7 +94,7 @@ def config_from_dict(name: str, d: dict[str, Any]) -> ByteLMConfig:
     d = dict(d)
     preset = d.pop("preset", None)
     if preset is not None:
-        d = _merge(preset_dict(name, preset), d)
+        d = merge_fields(preset_dict(name, preset), d)
     return dataclass_from_dict(config_class(name), d)
 
 

@@ -19,7 +19,7 @@ from lightning.fabric.utilities.throughput import Throughput
 from lightning.pytorch.plugins.precision import MixedPrecision
 
 from polybyte.modalities import TAG_NAMES, TAGS
-from polybyte.models import ByteLM, build_model, config_to_dict
+from polybyte.models import ByteLM, build_model, config_to_dict, merge_fields
 from polybyte.models.base import nll_loss
 
 from .bpb import BPBMeter
@@ -71,14 +71,6 @@ def check_model_dict(model: Any) -> None:
             f'replaces the config\'s whole model.model, so add "backbone" (one of {known}), or set one field '
             f"with --model.model.KEY VALUE"
         )
-
-
-def merge_fields(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """``base`` with ``over``'s keys set; a dict in both (a nested config) is merged key by key."""
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = merge_fields(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 class ByteLMModule(L.LightningModule):
