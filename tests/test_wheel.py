@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 VERSION = PYPROJECT["project"]["version"]
 REDUCED_DEMO = "tests/test_demo.py::test_reduced_demo_learns_end_to_end"
-# the reduced demo trains 2,500 steps: ~3 min on an idle 2-core CPU, many times that on a loaded one
+# the reduced demo trains 800 steps: ~1.5 min on an idle 2-core CPU, many times that on a loaded one
 DEMO_TIMEOUT = 3600
 
 
