@@ -121,9 +121,12 @@ assert PAD in UNUSED_OUTPUTS and len(UNUSED_OUTPUTS) == VOCAB_SIZE - HF_VOCAB_SI
 
 
 def to_hf_ids(ids: torch.Tensor) -> torch.Tensor:
-    """Our ids (and -1 before a stream) [..] -> transformers' ids, long, same shape."""
-    table = torch.tensor((HF_BOE, *HF_ROW_OF_INPUT), dtype=torch.long, device=ids.device)
-    return table[ids.long().clamp(min=-1) + 1]
+    """Our ids (and -1 before a stream) [..] -> transformers' ids, long, same shape: ``hf_id``
+    elementwise, from scalars only (no host tensor to copy, so it runs inside CUDA-graph capture)."""
+    i = ids.long()
+    out = torch.where((i >= 0) & (i < NUM_BYTES), i + HF_OFFSET, HF_BOE)
+    out = torch.where(i == EOS, HF_EOS, out)
+    return torch.where((i >= FIRST_TAG) & (i < VOCAB_SIZE), HF_BOS, out)
 
 
 def _wrapped_int64(x: int) -> int:

@@ -119,8 +119,11 @@ class PatcherConfig:
         ``threshold`` (a float) when there are no per-tag thresholds or no tags."""
         if not self.thresholds or modality is None:
             return self.threshold
-        table = [self.thresholds.get(tag, self.threshold) for tag in range(VOCAB_SIZE)]
-        return torch.tensor(table, dtype=torch.float32).to(modality.device, non_blocking=True)[modality]
+        # from scalars only (no host tensor to copy, so it runs inside CUDA-graph capture)
+        out = torch.full(modality.shape, float(self.threshold), dtype=torch.float32, device=modality.device)
+        for tag, value in self.thresholds.items():
+            out = torch.where(modality == tag, float(value), out)
+        return out
 
 
 # --- the patchers -----------------------------------------------------------------------------

@@ -8,8 +8,10 @@ import torch
 from conftest import tiny_blt
 
 from polybyte.models import patching
+from polybyte.models.blt import BLT
 from polybyte.models.entropy import compute_entropies
 from polybyte.models.generate import generate, make_decoder
+from polybyte.models.hash_ngrams import HashNgramConfig
 from polybyte.models.megabyte import Megabyte, MegabyteConfig
 from polybyte.models.transformer import Transformer, TransformerConfig
 
@@ -217,11 +219,28 @@ def test_megabyte_samples_a_64x64_image_on_cpu():
     assert all(0 <= b < 256 for r in out for b in r)
 
 
+def blt_per_modality(**overrides):
+    """An entropy BLT with one threshold per modality tag (model.patch_targets' result), and any
+    BLTConfig field overridden, e.g. transformers' hash n-gram ids (an imported BLT's)."""
+    model = blt("entropy")
+    if overrides:
+        torch.manual_seed(0)
+        model = BLT(dataclasses.replace(model.config, **overrides)).eval()
+    p = model.config.patcher
+    p.thresholds = {int(t): p.threshold * (0.8 + 0.2 * i) for i, t in enumerate(MODALITIES[:3].tolist())}
+    return model
+
+
 GRAPH_MODELS = {
     "megabyte": lambda: megabyte(patch_size=4, max_seq_len=64),
     "megabyte-cross-patch": lambda: megabyte(patch_size=4, max_seq_len=64, cross_patch_r=2),
     "blt-entropy": lambda: blt("entropy"),
     "blt-space": lambda: blt("space"),
+    # per-tag thresholds and transformers' hash ids are built from scalars inside the captured step
+    "blt-thresholds-per-modality": lambda: blt_per_modality(),
+    "blt-transformers-hashes": lambda: blt_per_modality(
+        hash_ngrams=HashNgramConfig(table_size=97, style="transformers")
+    ),
 }
 
 
