@@ -53,7 +53,9 @@ def bench_sample(
     ``polybyte sample`` runs it: bf16 weights on GPU, CUDA graphs and (``compile``, default on
     GPU) the compiled decoding steps; also timed before compiling (graphs only) and without
     graphs. Uncached: the first ``uncached_bytes`` bytes only (its cost grows with the prefix),
-    so the cached run is also timed over that many bytes for a like-for-like ratio. Random
+    so the cached run is also timed over that many bytes for a like-for-like ratio. Long runs are
+    timed in steady state, each after an untimed one of the same length (graph captures at every
+    cache size, compiles: ``compile_s``). Random
     weights with BLT entropy patching get a threshold calibrated to the preset's mean patch length.
 
     ``spec`` may also name a transformers BLT (``peers.is_transformers_blt``: a folder, or random
@@ -107,11 +109,14 @@ def bench_sample(
     timed(warm, False)
     uncached_s = timed(uncached_bytes, False)
     eager_short_s = timed(uncached_bytes, True, graphs=False)  # caches, but no CUDA graphs
+    # steady state: each timed long run follows one of the same length, which captured the graphs
+    # (and compiled the steps) at every cache size the run reaches
+    timed(max_bytes, True)
     graphs_s = timed(max_bytes, True)  # caches and graphs, nothing compiled
     compile_s = None
     if compile and model.compilable_steps:
         compile_decoding(model)
-        compile_s = timed(warm, True)
+        compile_s = timed(max_bytes, True)
     cached_s = timed(max_bytes, True) if compile_s is not None else graphs_s
     cached_short_s = timed(uncached_bytes, True)
     return {
