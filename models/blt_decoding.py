@@ -294,7 +294,10 @@ class BLTDecoding:
     def _starts(self, state: BLTState, entropy: torch.Tensor | None) -> torch.Tensor:
         """Whether byte t starts a patch, per row [B] bool: ``patching.start_rule`` and
         ``patching.max_len_cut`` at position t alone, from bytes < t and the entropy of byte t
-        (device ops only; ``patching.patch_starts`` applies the same rule to a whole row)."""
+        (device ops only; ``patching.patch_starts`` applies the same rule to a whole row). With
+        ``max_patches_ratio`` a row starts no patch once it fills the slots of a max_seq_len
+        window, as ``patching.patch`` merges the rest into the last slot: sampling and scoring
+        see the patches training saw."""
         p, t = self.config.patcher, state.t
         B = state.history.shape[0]
         prev = torch.where(t >= 1, state.history[:, -1], -1)  # byte t-1 (input t); -1 before the start
@@ -309,6 +312,9 @@ class BLTDecoding:
         if p.max_patch_len is not None:  # content_start: the last start before the cuts
             state.content_start.copy_(torch.where(start, t, state.content_start))
             start = start | patching.max_len_cut(p, t, state.content_start, prev)
+        slots = p.capacity(self.config.max_seq_len)
+        if slots is not None:  # the training windows' fixed slots: patches past them merge into the last
+            start = start & (state.num_patches < slots)
         return start
 
     @torch.no_grad()

@@ -155,6 +155,26 @@ def test_stepped_logits_equal_the_full_forward_for_model_shapes(overrides):
     assert (logits - full).abs().max() < 1e-4
 
 
+def test_stepped_rows_stop_starting_patches_at_the_training_slots():
+    """With fixed patch slots (max_patches_ratio), a row whose patches outnumber the slots of a
+    max_seq_len window has the rest merged into the last slot by the full forward: stepping
+    starts no patch past them, so sampling gives the logits scoring and training compute."""
+    T = 150
+    model = tiny_blt(dict(kind="strided", patch_size=1, max_patches_ratio=0.01), max_seq_len=T)
+    slots = model.config.patcher.capacity(T)
+    assert slots == 64  # a patch per byte: rows of 150 bytes overflow 64 slots
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 256, (3, T), generator=g)
+    want = assert_stepped_equals_full(model, ids)
+    assert want.sum(1).tolist() == [slots] * 3  # the starts stopped at the slots
+    unbounded = tiny_blt(dict(kind="strided", patch_size=1), max_seq_len=T)
+    unbounded.load_state_dict(model.state_dict())
+    logits, starts = stepped(unbounded, ids)
+    assert starts.sum(1).tolist() == [T] * 3  # without slots, every byte starts a patch ...
+    with torch.no_grad():
+        assert (logits[:, slots:] - model(ids, MOD)[:, slots:]).abs().max() > 1e-2  # ... and predicts otherwise
+
+
 @torch.no_grad()
 def blocks_teacher_forced(model: BLT, ids: torch.Tensor, prefix: int):
     """``prefix`` single steps, then decode_block with a ``sample`` that returns the forced
