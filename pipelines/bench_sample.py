@@ -54,8 +54,8 @@ def bench_sample(
     GPU) the compiled decoding steps; also timed before compiling (graphs only) and without
     graphs. Uncached: the first ``uncached_bytes`` bytes only (its cost grows with the prefix),
     so the cached run is also timed over that many bytes for a like-for-like ratio. Long runs are
-    timed in steady state, each after an untimed one of the same length (graph captures at every
-    cache size, compiles: ``compile_s``). Random
+    timed in steady state, each after an untimed one of the same length (graph captures and
+    recompiles at every cache size); ``compile_s`` is the first compile, on a short run. Random
     weights with BLT entropy patching get a threshold calibrated to the preset's mean patch length.
 
     ``spec`` may also name a transformers BLT (``peers.is_transformers_blt``: a folder, or random
@@ -109,15 +109,19 @@ def bench_sample(
     timed(warm, False)
     uncached_s = timed(uncached_bytes, False)
     eager_short_s = timed(uncached_bytes, True, graphs=False)  # caches, but no CUDA graphs
-    # steady state: each timed long run follows one of the same length, which captured the graphs
-    # (and compiled the steps) at every cache size the run reaches
-    timed(max_bytes, True)
-    graphs_s = timed(max_bytes, True)  # caches and graphs, nothing compiled
+
+    def steady(n: int) -> float:
+        """Timed after an untimed run of the same length, which captured the graphs (and
+        compiled the steps) at every cache size the run reaches."""
+        timed(n, True)
+        return timed(n, True)
+
+    graphs_s = steady(max_bytes)  # caches and graphs, nothing compiled
     compile_s = None
     if compile and model.compilable_steps:
         compile_decoding(model)
-        compile_s = timed(max_bytes, True)
-    cached_s = timed(max_bytes, True) if compile_s is not None else graphs_s
+        compile_s = timed(warm, True)  # the first compile
+    cached_s = steady(max_bytes) if compile_s is not None else graphs_s
     cached_short_s = timed(uncached_bytes, True)
     return {
         "model": spec,
