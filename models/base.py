@@ -25,9 +25,9 @@ Incremental decoding (what ``models/generate.py`` drives; every backbone impleme
 * ``model.step(state, prev) -> logits [B, V]`` of position ``state.pos``, given ``prev`` [B] =
   the bytes at ``state.pos - 1`` (None exactly at position 0); advances ``state.pos``.
 
-Block decoders (MEGABYTE, BLT) also decode ``decode_block_size`` bytes per call with the
-sampling inside, at fixed shapes and without host syncs, so that one CUDA graph replays every
-block (``decode_block_size`` is None for the others):
+Block decoders (MEGABYTE, BLT, the flat transformer) also decode ``decode_block_size`` bytes per
+call with the sampling inside, at fixed shapes and without host syncs, so that one CUDA graph
+replays every block (``decode_block_size`` None: a backbone that decodes by ``step`` only):
 
 * ``state = model.new_block_state(modality, max_len, dtype)``: a state whose every step has the
   same shapes and tensor addresses;

@@ -13,10 +13,10 @@ logits [B, V]``:
 * every backbone: ``new_state`` / ``prefill`` / ``step`` on the model (flat transformer: per-layer
   KV caches; MEGABYTE: global model once per patch, local model once per byte; BLT: every stage
   once per byte, the latent step kept only by the rows that close a patch; see their modules);
-* block decoders (``decode_block_size`` set: MEGABYTE and BLT), once no row is inside its prompt
-  (and at a multiple of the block): ``new_block_state`` / ``prepare_block`` / ``decode_block``, a
-  block of bytes per call with sampling inside (MEGABYTE: one patch; BLT: 16 bytes), which on
-  CUDA is one replay of a captured CUDA graph;
+* block decoders (``decode_block_size`` set: every shipped backbone), once no row is inside its
+  prompt (and at a multiple of the block): ``new_block_state`` / ``prepare_block`` /
+  ``decode_block``, a block of bytes per call with sampling inside (MEGABYTE: one patch; BLT and
+  the flat transformer: 16 bytes), which on CUDA is one replay of a captured CUDA graph;
 * ``use_cache=False``: every step reruns the full forward over the whole prefix — the reference
   that tests compare the caches against and ``polybyte bench --what sample`` times.
 
@@ -65,8 +65,9 @@ def generate(
     seed: seeds a generator of its own (reproducible samples); None uses torch's global RNG.
     stop_at_eos: a row stops after sampling EOS (not included in its output); False forbids EOS,
       so every row gets exactly ``max_bytes`` bytes.
-    cuda_graphs: on CUDA, decode MEGABYTE and BLT a block at a time from one captured CUDA graph
-      (same numbers, one launch per block instead of thousands of kernel launches).
+    cuda_graphs: on CUDA, decode a block at a time (MEGABYTE: a patch; BLT, flat transformer: 16
+      bytes) from one captured CUDA graph (same numbers, one launch per block instead of
+      thousands of kernel launches).
     progress: called now and then with the number of bytes generated since its last call.
     Returns one list of new ids (0..255) per row. Runs under autocast if the caller enables it.
     """
@@ -241,7 +242,7 @@ def make_decoder(
 
     Returns an object with ``prefill(ids [B, n]) -> logits [B, n+1, V]`` (call once, first; n may
     be 0) and ``step(prev [B]) -> logits [B, V]`` (the next position, given the byte just fixed).
-    Block decoders (``model.decode_block_size`` set: MEGABYTE, BLT), given a sampler ``sample``,
+    Block decoders (``model.decode_block_size`` set), given a sampler ``sample``,
     also decode a block of bytes per call (sampling included): ``block`` = the model's
     ``decode_block_size`` (0 for the others) and ``decode_block(prev [B]) -> bytes [B, block]``,
     from a CUDA graph on CUDA when ``cuda_graphs``.
@@ -284,7 +285,7 @@ class _Stateful:
 
 
 class _Blocks(_Stateful):
-    """MEGABYTE and BLT after the prompt: ``decode_block_size`` bytes per ``decode_block`` call
+    """A block decoder after the prompt: ``decode_block_size`` bytes per ``decode_block`` call
     (the model's ``prepare_block`` then ``decode_block``, sampling included; MEGABYTE: one
     patch). The state is sized to whole blocks: the last one may run past ``max_len``
     (dropped), and it is the model's ``new_block_state``, whose caches have fixed shapes (what

@@ -38,6 +38,8 @@ Mask = MaskMod | AttentionMask | None
 class LayerCache(ABC):
     """The protocol ``Attention`` uses (see the module docstring for the call order)."""
 
+    one_token_per_update: bool = False  # True: ``update`` takes one step at a time (no chunks)
+
     def check(self, mask_mod: Mask, causal: bool) -> None:  # noqa: B027 (a default: any mask will do)
         """Raise if queries with this mask cannot attend over this cache (default: any mask)."""
 
@@ -223,6 +225,8 @@ class DeviceWindowedKVCache(_DeviceFill, _Ring, LayerCache):
     inside a CUDA graph (``models/generate.py``); attention masks the empty slots by position.
     """
 
+    one_token_per_update = True
+
     def __init__(self, B: int, n_kv_heads: int, window: int, head_dim: int, device, dtype) -> None:
         _Ring.__init__(self, B, n_kv_heads, window, head_dim, device, dtype)
         self.next_pos = torch.zeros((), dtype=torch.long, device=self.k.device)
@@ -256,6 +260,8 @@ class RowKVCache(LayerCache):
     step, whose slot its next real patch overwrites. ``update`` returns all ``capacity`` slots:
     the shapes stay fixed between ``grow`` calls, so a captured CUDA graph replays the step.
     """
+
+    one_token_per_update = True
 
     def __init__(self, next_slot: torch.Tensor, n_kv_heads: int, head_dim: int, capacity: int, dtype) -> None:
         B, dev = next_slot.shape[0], next_slot.device
@@ -312,6 +318,11 @@ class TransformerCache:
     @property
     def length(self) -> int:
         return self.layers[0].length
+
+    @property
+    def one_token_per_update(self) -> bool:
+        """True when some layer's cache takes one token per update: feed a chunk token by token."""
+        return any(c.one_token_per_update for c in self.layers)
 
     def reset(self) -> None:
         for c in self.layers:

@@ -8,9 +8,9 @@ with the tag in front, so ``logits[:, t]`` predicts ``ids[:, t]`` from the tag a
 Attention is causal through SDPA's ``is_causal`` (flash / cuDNN kernels on CUDA), or a causal
 sliding window through FlexAttention when ``window`` is set (BLT's entropy model).
 
-Incremental decoding: the protocol of ``models/base.py`` (``new_state`` / ``prefill`` / ``step``)
-over per-layer KV caches of the *input* stream ``[tag, b0, b1, ...]``; underneath it, and for
-BLT's entropy model::
+Incremental decoding: the protocol of ``models/base.py`` (``new_state`` / ``prefill`` / ``step``,
+and ``decode_block``: 16 bytes per call, one CUDA graph replay on GPU) over per-layer KV caches of
+the *input* stream ``[tag, b0, b1, ...]``; underneath it, and for BLT's entropy model::
 
     cache = model.new_cache(B, max_len)                      # per-layer KV caches
     logits = model.forward_step(tokens [B, n], cache)        # [B, n, V]: any chunk of the stream
@@ -21,6 +21,7 @@ Every logit equals the full forward's at the same position.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -200,11 +201,25 @@ class Transformer(ByteLM):
         cache = self.new_cache(modality.shape[0], max_len, device=modality.device, dtype=dtype)
         return TransformerState(modality=modality, max_len=max_len, pos=0, cache=cache)
 
+    def new_block_state(
+        self, modality: torch.Tensor, max_len: int, dtype: torch.dtype | None = None, device_caches: bool | None = None
+    ) -> TransformerState:
+        """A state for ``decode_block``. ``device_caches`` (default: on CUDA) puts the fill levels
+        on the device at fixed shapes, which a CUDA graph needs; on a CPU the host caches are
+        faster (attention over the filled slots only, the prompt in one chunk)."""
+        if device_caches is None:
+            device_caches = modality.device.type == "cuda"
+        cache = self.new_cache(
+            modality.shape[0], max_len, device=modality.device, dtype=dtype, device_caches=device_caches
+        )
+        return TransformerState(modality=modality, max_len=max_len, pos=0, cache=cache)
+
     def prefill(self, state: TransformerState, ids: torch.Tensor) -> torch.Tensor:
         """Start a stream: prompt bytes ids [B, n] (n may be 0) -> logits [B, n+1, V].
 
         ``logits[:, t]`` predicts ``ids[:, t]`` as the full forward does; ``logits[:, n]`` is
-        the distribution of the first byte after the prompt.
+        the distribution of the first byte after the prompt. Caches that take one token per
+        update (a block state's rings) are fed the prompt token by token.
         """
         cache, modality = state.cache, state.modality
         if cache.length != 0:
@@ -215,6 +230,8 @@ class Transformer(ByteLM):
             )
         tokens = torch.cat([modality[:, None].to(ids.dtype), ids], dim=1)  # [B, 1 + n]
         state.pos = tokens.shape[1]
+        if cache.one_token_per_update:
+            return torch.cat([self.forward_step(tokens[:, i : i + 1], cache) for i in range(tokens.shape[1])], dim=1)
         return self.forward_step(tokens, cache)
 
     def step(self, state: TransformerState, prev: torch.Tensor | None) -> torch.Tensor:
@@ -226,6 +243,33 @@ class Transformer(ByteLM):
         token = state.modality if prev is None else prev
         state.pos += 1
         return self.forward_step(token[:, None].to(torch.long), state.cache)[:, 0]
+
+    # Bytes per ``decode_block`` call: one CUDA graph replay instead of 16 steps' kernel launches.
+    decode_block_size = 16
+
+    def decode_block(
+        self, state: TransformerState, prev: torch.Tensor, sample: Callable[[torch.Tensor, int], torch.Tensor]
+    ) -> torch.Tensor:
+        """Decode ``decode_block_size`` bytes [B, n] from ``state.pos``: byte j drawn by
+        ``sample(logits [B, V], j) -> ids [B]`` and fed to step j+1; ``prev`` [B] = the bytes at
+        ``state.pos - 1``. On a ``new_block_state`` every step has the same shapes and
+        addresses, so one CUDA graph replays every block (models/generate.py)."""
+        self.prepare_block(state)
+        out = []
+        for j in range(self.decode_block_size):
+            prev = sample(self.step(state, prev), j)
+            out.append(prev)
+        return torch.stack(out, 1)  # n x [B] -> [B, n]
+
+    def prepare_block(self, state: TransformerState) -> bool:
+        """Raise unless ``decode_block`` can run at ``state.pos`` (host-side, no sync). Returns
+        False: the caches never move (a captured CUDA graph stays valid)."""
+        t, n = state.pos, self.decode_block_size
+        if t == 0:
+            raise ValueError("decode_block continues a stream: prefill it first")
+        if self.config.window is None and t + n > state.max_len:
+            raise ValueError(f"state is full: position {t} + block of {n} > max_len {state.max_len}")
+        return False
 
     # --- accounting ---------------------------------------------------------------------------
     def flops_per_byte(self, mean_patch_len: float | None = None) -> float:

@@ -232,6 +232,8 @@ def blt_per_modality(**overrides):
 
 
 GRAPH_MODELS = {
+    "flat": lambda: flat(),
+    "flat-window": lambda: flat(window=5),
     "megabyte": lambda: megabyte(patch_size=4, max_seq_len=64),
     "megabyte-cross-patch": lambda: megabyte(patch_size=4, max_seq_len=64, cross_patch_r=2),
     "blt-entropy": lambda: blt("entropy"),
@@ -266,3 +268,31 @@ def test_cuda_graphs_equal_eager_decoding(name, compile, monkeypatch):
     graphed = generate(model, modality, prompts, cuda_graphs=True, **kwargs)
     assert graphed == eager
     assert generate(model, modality, prompts, max_bytes=50, seed=3, cuda_graphs=True) == sampled_eager
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_flat_transformer_blocks_on_device_caches_match_the_full_forward(window):
+    """The flat transformer's block state with device caches (what CUDA graphs replay; on a CPU
+    the default is host caches): the prompt fed token by token into the rings, then 16-byte
+    blocks, every logit equal to the full forward's."""
+    model = flat(window=window)
+    ids = torch.randint(0, 256, (4, 53), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model(ids, MODALITIES)
+        state = model.new_block_state(MODALITIES, 53, device_caches=True)
+        assert state.cache.one_token_per_update == (window is not None)
+        logits = [model.prefill(state, ids[:, :4])]  # positions 0..4
+        taken = []  # teacher-forced: each block's sampler records the logits and returns the true byte
+
+        def forced(step_logits, j):
+            taken.append(step_logits[:, None])
+            return ids[:, state.pos - 1]
+
+        while state.pos + model.decode_block_size <= 53:
+            out = model.decode_block(state, ids[:, state.pos - 1], forced)
+            assert torch.equal(out, ids[:, state.pos - model.decode_block_size : state.pos])
+    got = torch.cat(logits + taken, dim=1)
+    assert got.shape[1] == 5 + 3 * 16 == 53
+    assert (got - full).abs().max() < 1e-4
+    with pytest.raises(ValueError, match="prefill it first"):
+        model.decode_block(model.new_block_state(MODALITIES, 53), ids[:, 0], forced)
