@@ -38,8 +38,6 @@ Mask = MaskMod | AttentionMask | None
 class LayerCache(ABC):
     """The protocol ``Attention`` uses (see the module docstring for the call order)."""
 
-    one_token_per_update: bool = False  # True: ``update`` takes one step at a time (no chunks)
-
     def check(self, mask_mod: Mask, causal: bool) -> None:  # noqa: B027 (a default: any mask will do)
         """Raise if queries with this mask cannot attend over this cache (default: any mask)."""
 
@@ -214,6 +212,13 @@ class DeviceKVCache(_DeviceFill, LayerCache):
         self.next_pos += k.shape[2]
         return self.k, self.v, self.slots
 
+    def copy_from(self, host: KVCache) -> None:
+        """Take over a host cache's steps (a prompt prefilled in one chunk there)."""
+        n = host.length
+        self.k[:, :, :n] = host.k[:, :, :n]
+        self.v[:, :, :n] = host.v[:, :, :n]
+        self.next_pos.fill_(n)
+
     def reset(self) -> None:
         self.next_pos.fill_(0)
 
@@ -224,8 +229,6 @@ class DeviceWindowedKVCache(_DeviceFill, _Ring, LayerCache):
     sync. What BLT's per-byte models (entropy model, local encoder and decoder) need to run
     inside a CUDA graph (``models/generate.py``); attention masks the empty slots by position.
     """
-
-    one_token_per_update = True
 
     def __init__(self, B: int, n_kv_heads: int, window: int, head_dim: int, device, dtype) -> None:
         _Ring.__init__(self, B, n_kv_heads, window, head_dim, device, dtype)
@@ -245,6 +248,13 @@ class DeviceWindowedKVCache(_DeviceFill, _Ring, LayerCache):
         self.next_pos += 1
         return self.k, self.v, self.pos  # the ring now holds exactly the new query's window
 
+    def copy_from(self, host: WindowedKVCache) -> None:
+        """Take over a host ring's steps: both rings keep position p in slot p % window."""
+        self.k.copy_(host.k)
+        self.v.copy_(host.v)
+        self.pos.copy_(host.pos)
+        self.next_pos.fill_(host.length)
+
     def reset(self) -> None:
         self.pos.fill_(-1)
         self.next_pos.fill_(0)
@@ -260,8 +270,6 @@ class RowKVCache(LayerCache):
     step, whose slot its next real patch overwrites. ``update`` returns all ``capacity`` slots:
     the shapes stay fixed between ``grow`` calls, so a captured CUDA graph replays the step.
     """
-
-    one_token_per_update = True
 
     def __init__(self, next_slot: torch.Tensor, n_kv_heads: int, head_dim: int, capacity: int, dtype) -> None:
         B, dev = next_slot.shape[0], next_slot.device
@@ -320,9 +328,15 @@ class TransformerCache:
         return self.layers[0].length
 
     @property
-    def one_token_per_update(self) -> bool:
-        """True when some layer's cache takes one token per update: feed a chunk token by token."""
-        return any(c.one_token_per_update for c in self.layers)
+    def device_fill(self) -> bool:
+        """True for device caches (``DeviceKVCache`` / ``DeviceWindowedKVCache``): fixed shapes,
+        one step per update at best; a prompt goes through host caches and ``copy_from``."""
+        return isinstance(self.layers[0], _DeviceFill)
+
+    def copy_from(self, host: TransformerCache) -> None:
+        """Every layer takes over the steps of the same layer of a host ``TransformerCache``."""
+        for mine, theirs in zip(self.layers, host.layers, strict=True):
+            mine.copy_from(theirs)
 
     def reset(self) -> None:
         for c in self.layers:

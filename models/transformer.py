@@ -218,8 +218,8 @@ class Transformer(ByteLM):
         """Start a stream: prompt bytes ids [B, n] (n may be 0) -> logits [B, n+1, V].
 
         ``logits[:, t]`` predicts ``ids[:, t]`` as the full forward does; ``logits[:, n]`` is
-        the distribution of the first byte after the prompt. Caches that take one token per
-        update (a block state's rings) are fed the prompt token by token.
+        the distribution of the first byte after the prompt. A block state's device caches get
+        the prompt through host caches, in one chunk, then take over their contents.
         """
         cache, modality = state.cache, state.modality
         if cache.length != 0:
@@ -229,10 +229,15 @@ class Transformer(ByteLM):
                 f"expected ids [B, n] and modality [B], got {tuple(ids.shape)} and {tuple(modality.shape)}"
             )
         tokens = torch.cat([modality[:, None].to(ids.dtype), ids], dim=1)  # [B, 1 + n]
+        if self.config.window is None and tokens.shape[1] > state.max_len:
+            raise ValueError(f"prompt of {ids.shape[1]} bytes does not fit a state of max_len {state.max_len}")
         state.pos = tokens.shape[1]
-        if cache.one_token_per_update:
-            return torch.cat([self.forward_step(tokens[:, i : i + 1], cache) for i in range(tokens.shape[1])], dim=1)
-        return self.forward_step(tokens, cache)
+        if not cache.device_fill:
+            return self.forward_step(tokens, cache)
+        host = self.new_cache(len(tokens), state.max_len, device=tokens.device, dtype=cache.layers[0].k.dtype)
+        logits = self.forward_step(tokens, host)
+        cache.copy_from(host)
+        return logits
 
     def step(self, state: TransformerState, prev: torch.Tensor | None) -> torch.Tensor:
         """Logits [B, V] of position ``state.pos`` given the bytes ``prev`` [B] before it (None at
@@ -240,6 +245,8 @@ class Transformer(ByteLM):
         if (prev is None) != (state.pos == 0):
             want = "None" if state.pos == 0 else "the byte at t-1 [B]"
             raise ValueError(f"step at position {state.pos}: prev must be {want}")
+        if self.config.window is None and state.pos >= state.max_len:
+            raise ValueError(f"state is full: max_len {state.max_len} positions decoded")
         token = state.modality if prev is None else prev
         state.pos += 1
         return self.forward_step(token[:, None].to(torch.long), state.cache)[:, 0]

@@ -273,14 +273,14 @@ def test_cuda_graphs_equal_eager_decoding(name, compile, monkeypatch):
 @pytest.mark.parametrize("window", [None, 5])
 def test_flat_transformer_blocks_on_device_caches_match_the_full_forward(window):
     """The flat transformer's block state with device caches (what CUDA graphs replay; on a CPU
-    the default is host caches): the prompt fed token by token into the rings, then 16-byte
-    blocks, every logit equal to the full forward's."""
+    the default is host caches): the prompt prefilled through host caches and copied in, then
+    16-byte blocks, every logit equal to the full forward's; a full state refuses another step."""
     model = flat(window=window)
     ids = torch.randint(0, 256, (4, 53), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         full = model(ids, MODALITIES)
         state = model.new_block_state(MODALITIES, 53, device_caches=True)
-        assert state.cache.one_token_per_update == (window is not None)
+        assert state.cache.device_fill
         logits = [model.prefill(state, ids[:, :4])]  # positions 0..4
         taken = []  # teacher-forced: each block's sampler records the logits and returns the true byte
 
@@ -296,3 +296,8 @@ def test_flat_transformer_blocks_on_device_caches_match_the_full_forward(window)
     assert (got - full).abs().max() < 1e-4
     with pytest.raises(ValueError, match="prefill it first"):
         model.decode_block(model.new_block_state(MODALITIES, 53), ids[:, 0], forced)
+    if window is None:  # a ring slides on; a full-attention cache has an end
+        with pytest.raises(ValueError, match="state is full"):
+            model.step(state, ids[:, -1])
+        with pytest.raises(ValueError, match="does not fit"):
+            model.prefill(model.new_block_state(MODALITIES, 8, device_caches=True), ids[:, :8])
