@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import functools
 import io
-from dataclasses import dataclass
+import random
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -168,6 +169,33 @@ class AudioSettings:
         positive_limit("max_decoded_samples", self.max_decoded_samples)
 
 
+@dataclass
+class AudioAugment:
+    """Training-time augmentation of audio payloads (``data.augment``), drawn per clip."""
+
+    # Each clip's level changes by a gain drawn uniformly in [-gain_db, +gain_db] dB; samples
+    # then clip at full scale. 0: no gain change.
+    gain_db: float = 0.0
+    invert: float = 0.0  # probability that a clip's polarity is flipped (x -> -x)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.gain_db <= 40:
+            raise ValueError(f"augment gain_db must be in [0, 40] dB, got {self.gain_db}")
+        if not 0 <= self.invert <= 1:
+            raise ValueError(f"augment invert is a probability in [0, 1], got {self.invert}")
+
+
+def augment_payload(payload: bytes, encoding: str, aug: AudioAugment, rng: random.Random) -> bytes:
+    """One clip's payload with a random gain and polarity (`AudioAugment`), in the same encoding."""
+    gain = 10.0 ** (rng.uniform(-aug.gain_db, aug.gain_db) / 20.0) if aug.gain_db else 1.0
+    if rng.random() < aug.invert:
+        gain = -gain
+    if gain == 1.0:
+        return payload
+    wave = decode_payload(payload, encoding).astype(np.float64) * gain
+    return encode_waveform(np.clip(wave, -1.0, 1.0), encoding)
+
+
 @register
 class AudioModality(Modality):
     """Audio file bytes -> mono -> resampled to ``sample_rate`` -> encoded samples."""
@@ -254,6 +282,18 @@ class AudioModality(Modality):
 
     def encode(self, member_bytes: bytes, meta: dict | None = None) -> bytes:
         return encode_waveform(self.load(member_bytes), self.settings.encoding)
+
+    def augmenter(self, options: dict):
+        """Random gain and polarity per training clip (`AudioAugment`'s fields as options)."""
+        try:
+            aug = AudioAugment(**options)
+        except TypeError:
+            known = [f.name for f in fields(AudioAugment)]
+            raise ValueError(f"unknown audio augmentation in {sorted(options)}; known: {known}") from None
+        if not aug.gain_db and not aug.invert:
+            return None
+        encoding = self.settings.encoding
+        return lambda payload, rng: augment_payload(payload, encoding, aug, rng)
 
     def decode(self, payload: bytes) -> tuple[np.ndarray, int]:
         """Payload -> (float32 mono waveform, sample_rate)."""

@@ -7,7 +7,9 @@ Token ids 0..255 are byte values; specials sit above them. One sample is framed 
 from __future__ import annotations
 
 import dataclasses
+import random
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 # --- vocabulary -------------------------------------------------------------------------------
@@ -122,6 +124,15 @@ class Modality(ABC):
     @abstractmethod
     def save(self, obj: Any, path) -> None:
         """Write a decoded object to ``path`` in the modality's file format (.txt/.png/.wav)."""
+
+    def augmenter(self, options: dict) -> Callable[[bytes, random.Random], bytes] | None:
+        """Training-time augmentation of payloads from ``options`` (``data.augment``'s entry for
+        a source): a function ``(payload, rng) -> payload``, or None when the options change
+        nothing. Never applied to validation, eval or sampling. A modality without any
+        augmentation refuses every option."""
+        if options:
+            raise ValueError(f"{self.name} has no training augmentations (got {sorted(options)})")
+        return None
 
     def native(self, member_bytes: bytes) -> dict:
         """The ``properties`` this member has, from its header (nothing decoded); ValueError

@@ -31,7 +31,7 @@ import os
 import random
 import sys
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import lightning
 import numpy as np
@@ -69,9 +69,19 @@ def _batched(rows: Iterable, batch_size: int, partial: bool) -> Iterator[tuple[t
         yield collate(batch)
 
 
-def source_windows(source: Source, urls: Iterable[str], counter: SkipCounter, seq_len: int) -> Iterator[np.ndarray]:
-    """Training windows of ``source`` read from the shards ``urls``: members -> payloads -> windows."""
+def source_windows(
+    source: Source,
+    urls: Iterable[str],
+    counter: SkipCounter,
+    seq_len: int,
+    augment: Callable[[bytes, random.Random], bytes] | None = None,
+    rng: random.Random | None = None,
+) -> Iterator[np.ndarray]:
+    """Training windows of ``source`` read from the shards ``urls``: members -> payloads
+    (-> ``augment(payload, rng)``) -> windows."""
     payloads = decode_payloads(read_shards(urls, counter, source.expected), source, counter)
+    if augment is not None:
+        payloads = (augment(p, rng) for p in payloads)
     return train_windows(payloads, source.modality, seq_len)
 
 
@@ -79,9 +89,10 @@ class TrainStream(IterableDataset):
     """Endless training batches: per source resampled shards -> windows -> shuffle; sources
     mixed by weight; batched inside the worker."""
 
-    def __init__(self, sources, weights, seq_len, batch_size, shuffle_buffer, seed, counter) -> None:
+    def __init__(self, sources, weights, seq_len, batch_size, shuffle_buffer, seed, counter, augment=None) -> None:
         super().__init__()
         self.sources, self.weights = sources, weights
+        self.augment = augment or {}  # source name -> augmentation options (built in each worker)
         self.seq_len, self.batch_size, self.shuffle_buffer = seq_len, batch_size, shuffle_buffer
         self.seed, self.counter = seed, counter
 
@@ -89,7 +100,9 @@ class TrainStream(IterableDataset):
         # seed: ResampledShards mixes in (rank, worker) itself
         shards = wds.ResampledShards(source.train, seed=wds.utils.make_seed(self.seed, i), deterministic=True)
         urls = wds.split_by_worker(wds.split_by_node(iter(shards)))  # thin endless per-rank streams
-        windows = source_windows(source, (u["url"] for u in urls), self.counter, self.seq_len)
+        augment = source.adapter().augmenter(self.augment.get(source.name, {}))
+        aug_rng = random.Random(wds.utils.make_seed(self.seed, i, rank, worker, 11))
+        windows = source_windows(source, (u["url"] for u in urls), self.counter, self.seq_len, augment, aug_rng)
         rng = random.Random(wds.utils.make_seed(self.seed, i, rank, worker))
         tag = TAGS[source.modality]
         for window in wds.shuffle(self.shuffle_buffer, min(100, self.shuffle_buffer), rng=rng)(windows):
@@ -201,6 +214,10 @@ class ByteDataModule(lightning.LightningDataModule):
             first member's, e.g. ``{"image": {"size": 32}}``. An image size or sample rate given
             here is an instruction: members are cropped and resized or resampled to it (without
             it, a member unlike the source's setting is refused and counted as ``mismatch``).
+        augment: training-time augmentation options per source name, applied to each training
+            payload before windowing (never to validation, eval or sampling), e.g.
+            ``{"audio": {"invert": 0.5, "gain_db": 6}}`` (``modalities/audio.py`` `AudioAugment`);
+            text and image sources have none.
         seq_len: ids per window. Must exceed an image's payload (size*size*3) and be even for
             pcm16 audio.
         batch_size: training windows per batch (per rank).
@@ -219,6 +236,7 @@ class ByteDataModule(lightning.LightningDataModule):
         val_sources: dict[str, str] | list[str] | None = None,
         weights: dict[str, float] | list[float] | None = None,
         adapter_settings: dict[str, dict] | None = None,
+        augment: dict[str, dict] | None = None,
         seq_len: int = 8192,
         batch_size: int = 8,
         val_batch_size: int | None = None,
@@ -231,7 +249,7 @@ class ByteDataModule(lightning.LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         self.source_specs, self.val_specs = sources, val_sources
-        self.weight_spec, self.adapter_settings = weights, adapter_settings
+        self.weight_spec, self.adapter_settings, self.augment = weights, adapter_settings, augment or {}
         self.seq_len, self.batch_size = seq_len, batch_size
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers, self.shuffle_buffer, self.seed = num_workers, shuffle_buffer, seed
@@ -263,6 +281,7 @@ class ByteDataModule(lightning.LightningDataModule):
         sources = resolve_sources(self._specs(), self.val_specs, self.adapter_settings, flag="--data.adapter_settings")
         for s in sources:
             self._check_fits(s)
+        self._check_augment(sources)
         self._notify(sources, stage)
         self.weights = self._resolve_weights(sources)
         self.sources = sources
@@ -303,6 +322,18 @@ class ByteDataModule(lightning.LightningDataModule):
                 f"source {source.name!r}: pcm16 audio needs an even seq_len so windows start on a "
                 f"sample boundary; got {self.seq_len}"
             )
+
+    def _check_augment(self, sources: list[Source]) -> None:
+        """``augment`` names known sources and options their modality has (clear errors at start-up)."""
+        by_name = {s.name: s for s in sources}
+        unknown = sorted(set(self.augment) - set(by_name))
+        if unknown:
+            raise ValueError(f"--data.augment names sources {unknown}, but the sources are {sorted(by_name)}")
+        for name, options in self.augment.items():
+            try:
+                by_name[name].adapter().augmenter(options)
+            except ValueError as e:
+                raise ValueError(f"--data.augment source {name!r}: {e}") from None
 
     def _resolve_weights(self, sources: list[Source]) -> list[float]:
         spec = self.weight_spec
@@ -351,6 +382,7 @@ class ByteDataModule(lightning.LightningDataModule):
             self.shuffle_buffer,
             seed,
             self._counter,
+            self.augment,
         )
         return self._loader(stream, persistent=False)
 

@@ -255,6 +255,36 @@ def test_foreign_webdataset_without_manifest_loads(tmp_path):
     assert dm.skipped == 0
 
 
+def test_audio_augmentation_applies_to_training_windows_only(shards):
+    """invert=1 flips every training clip's polarity, sample for sample (the same windows in the
+    same order as without it); validation is untouched."""
+    audio = {"audio": shards["audio"]}
+    plain = _take(_dm(audio, num_workers=0).train_dataloader(), 3)
+    flipped_dm = _dm(audio, num_workers=0, augment={"audio": {"invert": 1.0}})
+    flipped = _take(flipped_dm.train_dataloader(), 3)
+    rows = [(a, b) for (x, _), (y, _) in zip(plain, flipped) for a, b in zip(x, y)]
+    whole = [(a, b) for a, b in rows if EOS in a.tolist()]
+    assert whole and len(whole) == sum(EOS in b.tolist() for _, b in rows)
+    for a, b in whole:
+        x = np.frombuffer(_clip_payload(a), "<i2").astype(np.int32)
+        y = np.frombuffer(_clip_payload(b), "<i2").astype(np.int32)
+        assert np.array_equal(y, np.clip(-x, -32768, 32767)) and bool((x != 0).any())
+    val = [ids for ids, _ in _take(_dm(audio, num_workers=0).val_dataloader(), 2)]
+    val_aug = [ids for ids, _ in _take(flipped_dm.val_dataloader(), 2)]
+    assert all(torch.equal(a, b) for a, b in zip(val, val_aug))
+
+
+def test_augment_errors_are_clear(shards):
+    with pytest.raises(ValueError, match=r"--data.augment names sources \['speech'\], but the sources are \['audio'\]"):
+        _dm({"audio": shards["audio"]}, augment={"speech": {"invert": 0.5}})
+    with pytest.raises(ValueError, match=r"source 'audio': unknown audio augmentation in \['pitch'\]"):
+        _dm({"audio": shards["audio"]}, augment={"audio": {"pitch": 2}})
+    with pytest.raises(ValueError, match=r"source 'text': text has no training augmentations"):
+        _dm({"text": shards["text"]}, augment={"text": {"invert": 0.5}})
+    with pytest.raises(ValueError, match=r"invert is a probability"):
+        _dm({"audio": shards["audio"]}, augment={"audio": {"invert": 2}})
+
+
 def test_setup_errors_are_clear(shards, tmp_path):
     with pytest.raises(ValueError, match="raise seq_len to at least 12289"):
         _dm({"image": shards["image"]}, seq_len=4096)

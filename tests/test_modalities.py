@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import random
 import wave
 
 import numpy as np
@@ -15,6 +16,8 @@ from PIL import Image
 from polybyte.modalities import get_modality, modality_from_dict
 from polybyte.modalities.audio import (
     MIN_CLIP_FRACTION,
+    AudioAugment,
+    augment_payload,
     clip_waveform,
     decode_payload,
     encode_waveform,
@@ -221,6 +224,40 @@ def test_pcm16_is_bit_exact_on_a_real_wav(fsdd_wav, tmp_path):
     assert encode_waveform(waveform, "pcm16") == payload
     audio.save((waveform, rate), tmp_path / "x.wav")
     assert audio.encode((tmp_path / "x.wav").read_bytes()) == payload
+
+
+def test_audio_augmentation_gain_and_polarity_on_a_real_clip(fsdd_wav):
+    audio = get_modality("audio", sample_rate=8000, encoding="pcm16")
+    payload = audio.encode(fsdd_wav)
+    x = np.frombuffer(payload, "<i2").astype(np.float64)
+    assert audio.augmenter({}) is None and audio.augmenter({"gain_db": 0, "invert": 0}) is None
+    rng = random.Random(0)
+    gains = []
+    for _ in range(40):
+        out = audio.augmenter({"gain_db": 6})(payload, rng)
+        y = np.frombuffer(out, "<i2").astype(np.float64)
+        assert len(out) == len(payload)
+        # y = round(gain * x) for one gain: the intervals [(y -+ 0.5) / x] of all samples meet
+        nz = x != 0
+        lo, hi = (y[nz] - 0.5 * np.sign(x[nz])) / x[nz], (y[nz] + 0.5 * np.sign(x[nz])) / x[nz]
+        assert lo.max() <= hi.min() + 1e-12 and not y[~nz].any()
+        gains.append(float(lo.max()))
+    assert 10 ** (-6 / 20) - 1e-3 <= min(gains) < 0.8 and 1.25 < max(gains) <= 10 ** (6 / 20) + 1e-3
+    flips = [augment_payload(payload, "pcm16", AudioAugment(invert=0.5), rng) != payload for _ in range(200)]
+    assert 70 <= sum(flips) <= 130
+    loud = np.array([-32768, 32767, 30000, -30000], "<i2")
+    flipped = augment_payload(loud.tobytes(), "pcm16", AudioAugment(invert=1.0), rng)
+    assert np.frombuffer(flipped, "<i2").tolist() == [32767, -32767, -30000, 30000]  # clipped, not wrapped
+    louder = [
+        np.frombuffer(augment_payload(loud.tobytes(), "pcm16", AudioAugment(gain_db=6), rng), "<i2") for _ in range(20)
+    ]
+    assert all((np.sign(y) == np.sign(loud)).all() for y in louder)  # no wrap-around past full scale
+    assert any(y[2] == 32767 for y in louder) and any(y[2] < 30000 for y in louder)
+    mulaw = get_modality("audio", sample_rate=8000, encoding="mulaw8")
+    m = mulaw.encode(fsdd_wav)
+    flipped = mulaw.augmenter({"invert": 1.0})(m, rng)
+    assert len(flipped) == len(m)
+    assert np.abs(decode_payload(flipped, "mulaw8") + decode_payload(m, "mulaw8")).max() < 0.02
 
 
 def test_mulaw8_error_within_quantisation_step():
