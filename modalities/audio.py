@@ -179,10 +179,10 @@ class AudioAugment:
     invert: float = 0.0  # probability that a clip's polarity is flipped (x -> -x)
 
     def __post_init__(self) -> None:
-        if not 0 <= self.gain_db <= 40:
-            raise ValueError(f"augment gain_db must be in [0, 40] dB, got {self.gain_db}")
-        if not 0 <= self.invert <= 1:
-            raise ValueError(f"augment invert is a probability in [0, 1], got {self.invert}")
+        for name, top, what in (("gain_db", 40, "dB"), ("invert", 1, "a probability")):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= top:
+                raise ValueError(f"augment {name} must be a number in [0, {top}] ({what}), got {value!r}")
 
 
 def augment_payload(payload: bytes, encoding: str, aug: AudioAugment, rng: random.Random) -> bytes:
@@ -285,11 +285,13 @@ class AudioModality(Modality):
 
     def augmenter(self, options: dict):
         """Random gain and polarity per training clip (`AudioAugment`'s fields as options)."""
-        try:
-            aug = AudioAugment(**options)
-        except TypeError:
-            known = [f.name for f in fields(AudioAugment)]
-            raise ValueError(f"unknown audio augmentation in {sorted(options)}; known: {known}") from None
+        known = [f.name for f in fields(AudioAugment)]
+        if not isinstance(options, dict):
+            raise ValueError(f"audio augmentation options must be a mapping of {known}, got {options!r}")
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise ValueError(f"unknown audio augmentation {unknown}; known: {known}")
+        aug = AudioAugment(**options)
         if not aug.gain_db and not aug.invert:
             return None
         encoding = self.settings.encoding

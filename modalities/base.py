@@ -131,7 +131,7 @@ class Modality(ABC):
         nothing. Never applied to validation, eval or sampling. A modality without any
         augmentation refuses every option."""
         if options:
-            raise ValueError(f"{self.name} has no training augmentations (got {sorted(options)})")
+            raise ValueError(f"{self.name} has no training augmentations (got {options!r})")
         return None
 
     def native(self, member_bytes: bytes) -> dict:

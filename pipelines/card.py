@@ -47,9 +47,11 @@ def validation_record(trainer) -> dict | None:
 
 def training_facts(trainer, validation: dict | None) -> dict[str, Any]:
     """``{"data": [...], "val": validation}`` for config.json: each training source (name,
-    modality, shard folder, train shard count, sampling weight) and the last validation."""
+    modality, shard folder, train shard count, sampling weight, its ``data.augment`` options if
+    any) and the last validation."""
     dm = getattr(trainer, "datamodule", None)
     sources, weights = getattr(dm, "sources", None) or [], getattr(dm, "weights", None) or []
+    augment = getattr(dm, "augment", None) or {}
     data = [
         {
             "name": s.name,
@@ -57,6 +59,7 @@ def training_facts(trainer, validation: dict | None) -> dict[str, Any]:
             "shards": _folder(s.train),
             "train_shards": len(s.train),
             "weight": float(w),
+            **({"augment": augment[s.name]} if s.name in augment else {}),
         }
         for s, w in zip(sources, weights)
     ]
@@ -162,6 +165,7 @@ def _data(data: list[dict] | None) -> str:
     return "; ".join(
         f"`{d['name']}` ({d['modality']}): {d['train_shards']} train shard{'s' * (d['train_shards'] != 1)} "
         f"in `{d['shards']}`, weight {d['weight']:g}"
+        + (f", augmented with {json.dumps(d['augment'])}" if d.get("augment") else "")
         for d in data
     )
 

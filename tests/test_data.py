@@ -277,12 +277,33 @@ def test_audio_augmentation_applies_to_training_windows_only(shards):
 def test_augment_errors_are_clear(shards):
     with pytest.raises(ValueError, match=r"--data.augment names sources \['speech'\], but the sources are \['audio'\]"):
         _dm({"audio": shards["audio"]}, augment={"speech": {"invert": 0.5}})
-    with pytest.raises(ValueError, match=r"source 'audio': unknown audio augmentation in \['pitch'\]"):
+    with pytest.raises(
+        ValueError, match=r"source 'audio': unknown audio augmentation \['pitch'\]; known: \['gain_db', 'invert'\]"
+    ):
         _dm({"audio": shards["audio"]}, augment={"audio": {"pitch": 2}})
-    with pytest.raises(ValueError, match=r"source 'text': text has no training augmentations"):
+    with pytest.raises(
+        ValueError, match=r"source 'text': text has no training augmentations \(got \{'invert': 0.5\}\)"
+    ):
         _dm({"text": shards["text"]}, augment={"text": {"invert": 0.5}})
-    with pytest.raises(ValueError, match=r"invert is a probability"):
-        _dm({"audio": shards["audio"]}, augment={"audio": {"invert": 2}})
+    for bad in (2, "x", None, True):
+        with pytest.raises(ValueError, match=r"augment invert must be a number in \[0, 1\] \(a probability\)"):
+            _dm({"audio": shards["audio"]}, augment={"audio": {"invert": bad}})
+    with pytest.raises(ValueError, match=r"options must be a mapping"):
+        _dm({"audio": shards["audio"]}, augment={"audio": 0.5})
+
+
+def test_random_augmentation_is_reproducible_across_workers(shards):
+    """invert 0.5 + gain: the same seed gives the same batches with two workers; the windows
+    differ from the plain stream's but keep its layout (same clips, same lengths)."""
+    audio, aug = {"audio": shards["audio"]}, {"audio": {"invert": 0.5, "gain_db": 6}}
+    plain = _take(_dm(audio).train_dataloader(), 3)
+    first = _take(_dm(audio, augment=aug).train_dataloader(), 3)
+    again = _take(_dm(audio, augment=aug).train_dataloader(), 3)
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(first, again))
+    assert not any(torch.equal(a, b) for (a, _), (b, _) in zip(plain, first))
+    assert all(
+        torch.equal(a == PAD, b == PAD) and torch.equal(a == EOS, b == EOS) for (a, _), (b, _) in zip(plain, first)
+    )
 
 
 def test_setup_errors_are_clear(shards, tmp_path):

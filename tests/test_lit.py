@@ -519,3 +519,27 @@ def test_bench_train_times_steps_of_a_config(capsys, tmp_path):
 
     (result,) = json.loads(out_json.read_text())
     assert result["backbone"] == "megabyte" and result["bytes_per_s"] > 0 and result["seq_len"] == 780
+
+
+def test_the_card_records_a_sources_augmentation(shared_data, tmp_path):
+    """config.json's data facts and the card name a source's data.augment options (and only its)."""
+    from types import SimpleNamespace
+
+    from polybyte.pipelines.card import _data, training_facts
+    from polybyte.pipelines.data import ByteDataModule
+    from polybyte.pipelines.shards import write_shards
+
+    wavs = sorted((shared_data / "audio" / "fsdd").glob("*.wav"))[:4]
+    write_shards("audio", wavs, tmp_path / "audio", val_fraction=0)
+    write_shards("text", [shared_data / "text" / "tinyshakespeare.txt"], tmp_path / "text", max_doc_bytes=65536)
+    dm = ByteDataModule(
+        sources={"audio": str(tmp_path / "audio"), "text": str(tmp_path / "text")},
+        augment={"audio": {"invert": 0.5}},
+        seq_len=8192,
+    )
+    dm.setup("fit")
+    data = training_facts(SimpleNamespace(datamodule=dm), None)["data"]
+    assert [d.get("augment") for d in data] == [{"invert": 0.5}, None]
+    line = _data(data)
+    assert "`audio` (audio): 1 train shard" in line and 'augmented with {"invert": 0.5}; `text`' in line
+    assert line.count("augmented") == 1
