@@ -58,7 +58,7 @@ def torchaudio_dsp():
     return functional, transforms
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=64)  # the file rates in use plus `AudioAugment.speed`'s factors
 def _resampler(orig_rate: int, new_rate: int):
     """torchaudio's windowed-sinc resampler with its kernel built once per rate pair.
 
@@ -177,23 +177,31 @@ class AudioAugment:
     # then clip at full scale. 0: no gain change.
     gain_db: float = 0.0
     invert: float = 0.0  # probability that a clip's polarity is flipped (x -> -x)
+    # Speed perturbation: each clip is resampled to play at a factor drawn uniformly in
+    # [1 - speed, 1 + speed] and rounded to 0.01 (tempo and pitch together, as Kaldi's speed
+    # perturbation; 1.1 makes a clip 10% shorter). 0: no change.
+    speed: float = 0.0
 
     def __post_init__(self) -> None:
-        for name, top, what in (("gain_db", 40, "dB"), ("invert", 1, "a probability")):
+        for name, top, what in (("gain_db", 40, "dB"), ("invert", 1, "a probability"), ("speed", 0.5, "a fraction")):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= top:
                 raise ValueError(f"augment {name} must be a number in [0, {top}] ({what}), got {value!r}")
 
 
 def augment_payload(payload: bytes, encoding: str, aug: AudioAugment, rng: random.Random) -> bytes:
-    """One clip's payload with a random gain and polarity (`AudioAugment`), in the same encoding."""
+    """One clip's payload with a random speed, gain and polarity (`AudioAugment`), in the same
+    encoding. An option at 0 draws nothing from ``rng``."""
+    speed = round(rng.uniform(1.0 - aug.speed, 1.0 + aug.speed), 2) if aug.speed else 1.0
     gain = 10.0 ** (rng.uniform(-aug.gain_db, aug.gain_db) / 20.0) if aug.gain_db else 1.0
-    if rng.random() < aug.invert:
+    if aug.invert and rng.random() < aug.invert:
         gain = -gain
-    if gain == 1.0:
+    if gain == 1.0 and speed == 1.0:
         return payload
-    wave = decode_payload(payload, encoding).astype(np.float64) * gain
-    return encode_waveform(np.clip(wave, -1.0, 1.0), encoding)
+    wave = decode_payload(payload, encoding)
+    if speed != 1.0:  # `speed` x faster: the clip at rate 100 * speed read as rate 100
+        wave = resample(wave, round(100 * speed), 100)
+    return encode_waveform(np.clip(wave.astype(np.float64) * gain, -1.0, 1.0), encoding)
 
 
 @register
@@ -284,7 +292,7 @@ class AudioModality(Modality):
         return encode_waveform(self.load(member_bytes), self.settings.encoding)
 
     def augmenter(self, options: dict):
-        """Random gain and polarity per training clip (`AudioAugment`'s fields as options)."""
+        """Random speed, gain and polarity per training clip (`AudioAugment`'s fields as options)."""
         known = [f.name for f in fields(AudioAugment)]
         if not isinstance(options, dict):
             raise ValueError(f"audio augmentation options must be a mapping of {known}, got {options!r}")
@@ -292,7 +300,7 @@ class AudioModality(Modality):
         if unknown:
             raise ValueError(f"unknown audio augmentation {unknown}; known: {known}")
         aug = AudioAugment(**options)
-        if not aug.gain_db and not aug.invert:
+        if not (aug.gain_db or aug.invert or aug.speed):
             return None
         encoding = self.settings.encoding
         return lambda payload, rng: augment_payload(payload, encoding, aug, rng)

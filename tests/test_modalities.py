@@ -261,6 +261,36 @@ def test_audio_augmentation_gain_and_polarity_on_a_real_clip(fsdd_wav):
     assert pcm8.augmenter({"invert": 1.0})(codes, rng) == bytes([255] + [256 - c for c in range(1, 256)])
 
 
+def test_audio_augmentation_speed_resamples_tempo_and_pitch(fsdd_wav):
+    rate, n = 8000, 8000
+    tone = (0.5 * np.sin(2 * np.pi * 440 * np.arange(n) / rate) * 32767).astype("<i2").tobytes()
+    rng = random.Random(1)
+    speeds = set()
+    for _ in range(60):
+        out = np.frombuffer(augment_payload(tone, "pcm16", AudioAugment(speed=0.1), rng), "<i2").astype(np.float64)
+        speed = n / len(out)  # 1.1: 10% fewer samples
+        assert 0.9 - 1e-3 <= speed <= 1.1 + 1e-3
+        speeds.add(round(speed, 2))
+        if abs(speed - 1) > 0.03:  # the tone's pitch moves with the tempo
+            peak = np.argmax(np.abs(np.fft.rfft(out * np.hanning(len(out))))) * rate / len(out)
+            assert abs(peak - 440 * speed) < 3, (speed, peak)
+    assert len(speeds) >= 12 and min(speeds) < 0.93 and max(speeds) > 1.07
+    # on a real clip, in every encoding: the length follows the speed; speed 0 draws nothing
+    for encoding in ("pcm16", "mulaw8", "pcm8"):
+        audio = get_modality("audio", sample_rate=8000, encoding=encoding)
+        payload = audio.encode(fsdd_wav)
+        out = audio.augmenter({"speed": 0.2})(payload, random.Random(3))
+        speed = round(random.Random(3).uniform(0.8, 1.2), 2)
+        width = audio.bytes_per_sample
+        assert abs(len(out) // width - len(payload) // width / speed) <= 1
+    a, b = random.Random(5), random.Random(5)
+    augment_payload(tone, "pcm16", AudioAugment(gain_db=3, speed=0), a)
+    b.uniform(-3, 3)
+    assert a.random() == b.random()
+    with pytest.raises(ValueError, match=r"augment speed must be a number in \[0, 0.5\] \(a fraction\), got 0.7"):
+        AudioAugment(speed=0.7)
+
+
 def test_mulaw8_error_within_quantisation_step():
     x = np.concatenate([np.linspace(-1, 1, 20001), RNG.uniform(-1, 1, 5000)]).astype(np.float32)
     payload = encode_waveform(x, "mulaw8")
