@@ -14,10 +14,15 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import zipfile
 from pathlib import Path
 
 TMP, OLD = ".tmp", ".old"  # suffixes of the hidden siblings used while writing: .NAME.tmp, .NAME.old
+
+# Signals that stop a fit with a resumable `last` checkpoint (exit status 128 + signum): lit.py's
+# ExportCheckpoint handles them in the main process; data.py's loader workers ignore them.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 def one_line(e: BaseException, limit: int = 300) -> str:

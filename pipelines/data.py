@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import random
+import signal
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -42,6 +43,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from polybyte.modalities import TAGS
 
+from .checkpoints import STOP_SIGNALS
 from .demo_data import DEMO_SOURCES, ensure_demo_shards
 from .reading import SKIP_REASONS, SkipCounter, decode_payloads, read_shards
 from .sources import Source, resolve_sources
@@ -189,6 +191,15 @@ def _example_val(source: Source) -> str:
     """A val_sources location to suggest for a source without val shards: its last training
     shard when it has several (a shard named there is no longer trained on)."""
     return source.train[-1] if len(source.train) > 1 else "SHARDS"
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """A loader worker ignores SIGTERM, SIGINT and SIGUSR1: sent to the whole process group
+    (`timeout`, SLURM, `docker stop`, Ctrl-C), they would kill it mid-batch and the fit would die
+    with a traceback instead of saving `last`. The main process stops the workers when it ends, and
+    torch's watchdog ends any that outlive it."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 class ByteDataModule(lightning.LightningDataModule):
@@ -361,6 +372,7 @@ class ByteDataModule(lightning.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=persistent and self.num_workers > 0,
+            worker_init_fn=ignore_stop_signals,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -28,7 +28,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from . import console
 from .card import training_facts, validation_record
-from .checkpoints import TMP, check_ckpt_file, commit, prepare, refuse_other_run, sibling
+from .checkpoints import STOP_SIGNALS, TMP, check_ckpt_file, commit, prepare, refuse_other_run, sibling
 from .data import ByteDataModule
 from .export import save_exported
 from .runtime import shipped_config, with_shipped_configs
@@ -38,9 +38,6 @@ from .training import ByteLMModule
 class NonFiniteWeightsError(ValueError):
     """A checkpoint was about to be written with NaN/Inf weights."""
 
-
-# Signals that stop a fit with a resumable `last` checkpoint (exit status 128 + signum).
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 class ExportCheckpoint(ModelCheckpoint):

@@ -156,13 +156,18 @@ def test_sample_refuses_nonfinite_export(nan_export, tmp_path, capsys):
     assert not (tmp_path / "samples").exists()
 
 
-def test_sigterm_saves_last_and_resume_continues(demo_shards, tmp_path, monkeypatch):
+def stop_fit_with_sigterm(tmp_path, workers: int, whole_group: bool) -> tuple[Path, int, str]:
+    """Start a debug fit in a subprocess, SIGTERM it (or its whole process group, loader workers
+    included, as `timeout`, SLURM and `docker stop` do) after 3 steps; (run, exit status, stderr)."""
     run = tmp_path / "run"
     # metrics.csv is flushed at every logging step (each step here): it shows the steps as they go
     config = write_config(tmp_path / "debug.yaml", run, steps=10_000, val_every=10_000, ckpt_every=10_000)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "polybyte.pipelines.cli", "fit", "--config", str(config), "--data.num_workers", "0"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    cmd = [sys.executable, "-m", "polybyte.pipelines.cli", "fit", "--config", str(config)]
+    cmd += ["--data.num_workers", str(workers)]
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and proc.poll() is None:
@@ -171,19 +176,41 @@ def test_sigterm_saves_last_and_resume_continues(demo_shards, tmp_path, monkeypa
                 break
             time.sleep(0.1)
         assert proc.poll() is None, proc.stderr.read()[-3000:]
-        proc.send_signal(signal.SIGTERM)
+        if whole_group:
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+            os.killpg(proc.pid, signal.SIGKILL)
+    return run, proc.returncode, stderr
+
+
+def assert_stopped_with_last_saved(run: Path, rc: int, stderr: str) -> int:
+    """The fit exited 143 with its one line and saved `last` at the step reached; that step."""
+    assert rc == 128 + signal.SIGTERM, stderr[-3000:]
     assert "polybyte fit: stopped by SIGTERM; `last` checkpoint saved, resume with --ckpt_path last" in stderr
+    assert "Traceback" not in stderr, stderr[-3000:]
     ckpts = run / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["last", "last.ckpt"]  # saved on the signal
     reached = series(metrics(run), "train/loss")[-1][0] + 1  # steps done when it stopped
     step = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=True)["global_step"]
     assert step == reached >= 3
     assert load_exported(ckpts / "last")[1]["step"] == step
+    return step
+
+
+def test_sigterm_to_the_process_group_spares_the_loader_workers(demo_shards, tmp_path):
+    # Without the workers ignoring it, SIGTERM killed them mid-batch and the fit died with
+    # "DataLoader worker ... is killed by signal: Terminated", its last steps unsaved.
+    assert_stopped_with_last_saved(*stop_fit_with_sigterm(tmp_path, workers=2, whole_group=True))
+
+
+def test_sigterm_saves_last_and_resume_continues(demo_shards, tmp_path, monkeypatch):
+    run, rc, stderr = stop_fit_with_sigterm(tmp_path, workers=0, whole_group=False)
+    step = assert_stopped_with_last_saved(run, rc, stderr)
+    config, ckpts = tmp_path / "debug.yaml", run / "checkpoints"
 
     rc = run_cli(
         [
