@@ -39,7 +39,6 @@ class NonFiniteWeightsError(ValueError):
     """A checkpoint was about to be written with NaN/Inf weights."""
 
 
-
 class ExportCheckpoint(ModelCheckpoint):
     """ModelCheckpoint that also exports ``X/model.safetensors`` + ``X/config.json`` per ``X.ckpt``.
 

@@ -278,7 +278,8 @@ def test_augment_errors_are_clear(shards):
     with pytest.raises(ValueError, match=r"--data.augment names sources \['speech'\], but the sources are \['audio'\]"):
         _dm({"audio": shards["audio"]}, augment={"speech": {"invert": 0.5}})
     with pytest.raises(
-        ValueError, match=r"source 'audio': unknown audio augmentation \['pitch'\]; known: \['gain_db', 'invert', 'speed'\]"
+        ValueError,
+        match=r"source 'audio': unknown audio augmentation \['pitch'\]; known: \['gain_db', 'invert', 'speed'\]",
     ):
         _dm({"audio": shards["audio"]}, augment={"audio": {"pitch": 2}})
     with pytest.raises(
