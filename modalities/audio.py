@@ -58,7 +58,7 @@ def torchaudio_dsp():
     return functional, transforms
 
 
-@functools.lru_cache(maxsize=64)  # the file rates in use plus `AudioAugment.speed`'s factors
+@functools.lru_cache(maxsize=256)  # the file rates in use plus up to 101 `AudioAugment.speed` factors
 def _resampler(orig_rate: int, new_rate: int):
     """torchaudio's windowed-sinc resampler with its kernel built once per rate pair.
 
@@ -179,7 +179,7 @@ class AudioAugment:
     invert: float = 0.0  # probability that a clip's polarity is flipped (x -> -x)
     # Speed perturbation: each clip is resampled to play at a factor drawn uniformly in
     # [1 - speed, 1 + speed] and rounded to 0.01 (tempo and pitch together, as Kaldi's speed
-    # perturbation; 1.1 makes a clip 10% shorter). 0: no change.
+    # perturbation; 1.1 leaves a clip 1/1.1 as long). 0: no change.
     speed: float = 0.0
 
     def __post_init__(self) -> None:

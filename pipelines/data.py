@@ -31,6 +31,7 @@ import os
 import random
 import signal
 import sys
+import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
@@ -194,12 +195,26 @@ def _example_val(source: Source) -> str:
 
 
 def ignore_stop_signals(worker_id: int) -> None:
-    """A loader worker ignores SIGTERM, SIGINT and SIGUSR1: sent to the whole process group
-    (`timeout`, SLURM, `docker stop`, Ctrl-C), they would kill it mid-batch and the fit would die
-    with a traceback instead of saving `last`. The main process stops the workers when it ends, and
-    torch's watchdog ends any that outlive it."""
+    """A loader worker ignores SIGINT, SIGUSR1 and every SIGTERM but its parent's.
+
+    Sent to the whole process group (`timeout`, SLURM, Ctrl-C), these would kill the workers
+    mid-batch and the fit would die with a traceback instead of saving `last`. The parent's SIGTERM
+    is how torch and multiprocessing stop workers (at the end of a loader, at exit), so a worker
+    still obeys it, exiting 0 as torch's own handler does. Python's signal handlers cannot see the
+    sender, hence SIGTERM blocked and read by a thread with ``sigwaitinfo``.
+    """
     for signum in STOP_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
+        if signum != signal.SIGTERM:
+            signal.signal(signum, signal.SIG_IGN)
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # before any other thread starts
+
+    def obey_parent() -> None:
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+            pass
+        os._exit(0)
+
+    threading.Thread(target=obey_parent, name="sigterm-from-parent", daemon=True).start()
 
 
 class ByteDataModule(lightning.LightningDataModule):

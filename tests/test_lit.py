@@ -545,18 +545,21 @@ def test_the_card_records_a_sources_augmentation(shared_data, tmp_path):
     assert line.count("augmented") == 1
 
 
-def test_fit_can_keep_the_best_validation_checkpoint(demo_shards, tmp_path, monkeypatch):
+@pytest.mark.parametrize("mode", ["min", "max"])
+def test_fit_can_keep_the_best_validation_checkpoint(mode, demo_shards, tmp_path, monkeypatch):
     """`checkpoint.monitor` (Lightning's ModelCheckpoint) keeps the best validation's checkpoint and
-    its export: what README's early-stopped text number was scored from."""
+    its export: what README's early-stopped text number was scored from. Validation falls here, so
+    "max" must keep the first checkpoint, not the newest."""
     run = tmp_path / "run"
     config = write_config(tmp_path / "debug.yaml", run, steps=12, val_every=3, ckpt_every=1000)
-    args = ["fit", "--config", str(config), "--checkpoint.monitor", "val/bpb_text", "--checkpoint.mode", "min"]
+    args = ["fit", "--config", str(config), "--checkpoint.monitor", "val/bpb_text", "--checkpoint.mode", mode]
     args += ["--checkpoint.save_top_k", "1", "--checkpoint.every_n_train_steps", "null"]
     args += ["--checkpoint.filename", "best-{step}"]
     assert run_cli(args, monkeypatch) == 0
     vals = series(metrics(run), "val/bpb_text")
     assert len(vals) == 4
-    best = min(vals, key=lambda sv: sv[1])[0] + 1  # logged at step N - 1, saved as step N
+    pick = min if mode == "min" else max
+    best = pick(vals, key=lambda sv: sv[1])[0] + 1  # logged at step N - 1, saved as step N
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert names == [f"best-step={best}", f"best-step={best}.ckpt", "last", "last.ckpt"]
     assert json.loads((run / "checkpoints" / f"best-step={best}" / "config.json").read_text())["step"] == best

@@ -268,7 +268,7 @@ def test_audio_augmentation_speed_resamples_tempo_and_pitch(fsdd_wav):
     speeds = set()
     for _ in range(60):
         out = np.frombuffer(augment_payload(tone, "pcm16", AudioAugment(speed=0.1), rng), "<i2").astype(np.float64)
-        speed = n / len(out)  # 1.1: 10% fewer samples
+        speed = n / len(out)  # 1.1: 1/1.1 as many samples
         assert 0.9 - 1e-3 <= speed <= 1.1 + 1e-3
         speeds.add(round(speed, 2))
         if abs(speed - 1) > 0.03:  # the tone's pitch moves with the tempo

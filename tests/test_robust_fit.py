@@ -157,12 +157,13 @@ def test_sample_refuses_nonfinite_export(nan_export, tmp_path, capsys):
     assert not (tmp_path / "samples").exists()
 
 
-def stop_fit_with_sigterm(tmp_path, workers: int, whole_group: bool) -> tuple[Path, int, str]:
+def stop_fit_with_sigterm(tmp_path, workers: int, whole_group: bool, val_every: int) -> tuple[Path, int, str]:
     """Start a debug fit in a subprocess, SIGTERM it (or its whole process group, loader workers
-    included, as `timeout`, SLURM and `docker stop` do) after 3 steps; (run, exit status, stderr)."""
+    included, as `timeout` and SLURM do) after 3 steps; (run, exit status, stderr). No process of
+    the group outlives the fit by more than 10 s."""
     run = tmp_path / "run"
     # metrics.csv is flushed at every logging step (each step here): it shows the steps as they go
-    config = write_config(tmp_path / "debug.yaml", run, steps=10_000, val_every=10_000, ckpt_every=10_000)
+    config = write_config(tmp_path / "debug.yaml", run, steps=10_000, val_every=val_every, ckpt_every=10_000)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "polybyte.pipelines.cli", "fit", "--config", str(config)]
     cmd += ["--data.num_workers", str(workers)]
@@ -182,10 +183,22 @@ def stop_fit_with_sigterm(tmp_path, workers: int, whole_group: bool) -> tuple[Pa
         else:
             proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=60)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and group_alive(proc.pid):
+            time.sleep(0.1)
+        assert not group_alive(proc.pid), "loader workers outlived the fit"
     finally:
-        if proc.poll() is None:
+        if group_alive(proc.pid):
             os.killpg(proc.pid, signal.SIGKILL)
     return run, proc.returncode, stderr
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def assert_stopped_with_last_saved(run: Path, rc: int, stderr: str) -> int:
@@ -204,12 +217,15 @@ def assert_stopped_with_last_saved(run: Path, rc: int, stderr: str) -> int:
 
 def test_sigterm_to_the_process_group_spares_the_loader_workers(demo_shards, tmp_path):
     # Without the workers ignoring it, SIGTERM killed them mid-batch and the fit died with
-    # "DataLoader worker ... is killed by signal: Terminated", its last steps unsaved.
-    assert_stopped_with_last_saved(*stop_fit_with_sigterm(tmp_path, workers=2, whole_group=True))
+    # "DataLoader worker ... is killed by signal: Terminated", its last steps unsaved. Validation
+    # runs before the signal: after it, a worker that ignored every SIGTERM, its parent's too, hung
+    # the exit (multiprocessing terminates and joins the training loader's workers at exit).
+    run, rc, stderr = stop_fit_with_sigterm(tmp_path, workers=2, whole_group=True, val_every=2)
+    assert_stopped_with_last_saved(run, rc, stderr)
 
 
 def test_sigterm_saves_last_and_resume_continues(demo_shards, tmp_path, monkeypatch):
-    run, rc, stderr = stop_fit_with_sigterm(tmp_path, workers=0, whole_group=False)
+    run, rc, stderr = stop_fit_with_sigterm(tmp_path, workers=0, whole_group=False, val_every=10_000)
     step = assert_stopped_with_last_saved(run, rc, stderr)
     config, ckpts = tmp_path / "debug.yaml", run / "checkpoints"
 
