@@ -206,6 +206,8 @@ def ignore_stop_signals(worker_id: int) -> None:
     for signum in STOP_SIGNALS:
         if signum != signal.SIGTERM:
             signal.signal(signum, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):  # macOS: SIGTERM keeps torch's handler
+        return
     parent = os.getppid()
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # before any other thread starts
 
