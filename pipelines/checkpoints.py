@@ -21,7 +21,8 @@ from pathlib import Path
 TMP, OLD = ".tmp", ".old"  # suffixes of the hidden siblings used while writing: .NAME.tmp, .NAME.old
 
 # Signals that stop a fit with a resumable `last` checkpoint (exit status 128 + signum): lit.py's
-# ExportCheckpoint handles them in the main process; data.py's loader workers ignore them.
+# ExportCheckpoint handles them in the main process; data.py's loader workers ignore them (all but
+# their parent's SIGTERM, which is how torch stops them).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
